@@ -106,6 +106,15 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     raise CheckpointError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors or .pth")
 
 
+def safetensors_keys(paths) -> set[str]:
+    """The tensor names stored in safetensors files (headers only; no tensor is read)."""
+    keys: set[str] = set()
+    for path in paths:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys.update(f.keys())
+    return keys
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file so that a crash never leaves a half-written file at ``path``."""

