@@ -67,15 +67,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
         args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
     models = load_teacher(ckpt, dtype=dtype)
-    if not args.t5_cpu:
-        models.text_encoder.to(device)
     try:
         resolved = resolve_request(models, request)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     bar = tqdm(total=resolved.steps, desc="denoising", unit="step", disable=args.quiet)
     result = generate(models, resolved, device=device, offload=not args.no_offload,
-                      on_step=lambda i, t, sigma: (bar.update(1), bar.set_postfix(t=t)))
+                      text_encoder_on_cpu=args.t5_cpu, on_step=lambda i, t, sigma: (bar.update(1), bar.set_postfix(t=t)))
     bar.close()
     out = write_mp4(args.out, result.video, fps=result.fps)
     t = result.timings

@@ -206,13 +206,22 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(models: TeacherModels, request: GenerationRequest, device: torch.device | str = "cpu",
-             offload: bool = True, on_step: Callable[[int, int, float], None] | None = None,
-             ) -> GenerationResult:
-    """Prompt -> video with the teacher's defaults for every field the request leaves None."""
+             offload: bool = True, text_encoder_on_cpu: bool = False,
+             on_step: Callable[[int, int, float], None] | None = None) -> GenerationResult:
+    """Prompt -> video with the teacher's defaults for every field the request leaves None.
+
+    With ``offload`` (the official single-GPU behaviour) the text encoder visits the device only
+    to encode, one expert at a time sits there while denoising, and both experts leave before the
+    VAE decodes. ``text_encoder_on_cpu`` encodes on the CPU (official ``--t5_cpu``).
+    """
     r = resolve_request(models, request)
+    device = torch.device(device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    models.text_encoder.to("cpu" if text_encoder_on_cpu else device)
     ctx = encode_prompts(models, [r.prompt, r.negative_prompt], device)
+    if offload:
+        models.text_encoder.to("cpu")
     timings["text_encoder_s"] = time.perf_counter() - t0
     noise = initial_noise(latent_shape(models, r.frames, r.height, r.width), [r.seed])
     t1 = time.perf_counter()
@@ -220,6 +229,8 @@ def generate(models: TeacherModels, request: GenerationRequest, device: torch.de
     timings["denoise_s"] = time.perf_counter() - t1
     timings["step_s"] = timings["denoise_s"] / r.steps
     t2 = time.perf_counter()
+    if offload:
+        models.expert_high.to("cpu"), models.expert_low.to("cpu")
     models.vae.to(device)
     video = decode_latents(models, latents)[0]
     timings["vae_decode_s"] = time.perf_counter() - t2
