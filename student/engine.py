@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from teacher.pipeline import video_to_uint8
+from teacher.pipeline import encode_text, video_to_uint8
 from teacher.vae import WanVAE
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
@@ -274,12 +274,8 @@ class StudentStreamEngine:
         if prompt in self._prompt_cache:
             self._prompt_cache.move_to_end(prompt)
             return self._prompt_cache[prompt]
-        ids, mask = self.tokenizer([prompt], text_len=self.student.text_len)
-        enc_device = _device_of(self.text_encoder)
-        ids, mask = ids.to(enc_device), mask.to(enc_device)
-        hidden = self.text_encoder(ids, mask)
-        # Rows past the prompt (EOS included) are zeroed, as the teacher's pipeline feeds them.
-        context = (hidden * mask.unsqueeze(-1).to(hidden.dtype)).to(self.device)
+        context = encode_text(self.tokenizer, self.text_encoder, [prompt], self.student.text_len,
+                              self.device)
         self._prompt_cache[prompt] = context
         if len(self._prompt_cache) > self._prompt_cache_size:
             self._prompt_cache.popitem(last=False)

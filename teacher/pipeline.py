@@ -91,22 +91,27 @@ def validate_request(r: GenerationRequest, spatial_multiple: int = 16) -> None:
 
 
 @torch.no_grad()
-def encode_prompts(models: TeacherModels, prompts: Sequence[str],
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Prompts -> context [B, text_len, text_dim] in the encoder's dtype.
+def encode_text(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], text_len: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prompts -> context [B, text_len, text_dim] in the encoder's dtype, on ``device``.
 
     Rows past each prompt's valid length (EOS included) are zeros, exactly what the official
-    pipeline feeds the DiT after trimming T5's output and zero-padding it to text_len.
+    pipeline feeds the DiT after trimming T5's output and zero-padding it to text_len. An empty
+    prompt is legitimate here (EOS alone, the shapes teacher's negative prompt); user prompts are
+    checked for emptiness before (``validate_request``).
     """
-    text_len = models.config.dit.text_len
-    # An empty negative prompt is legitimate (EOS alone, as officially); the user's prompt is
-    # checked for emptiness by validate_request before we get here.
-    ids, mask = models.tokenizer(list(prompts), text_len=text_len, allow_empty=True)
-    encoder = models.text_encoder
-    enc_device = next(encoder.parameters()).device
-    hidden = encoder(ids.to(enc_device), mask.to(enc_device))
-    hidden = hidden * mask.to(enc_device).unsqueeze(-1).to(hidden.dtype)
-    return hidden.to(device)
+    ids, mask = tokenizer(list(prompts), text_len=text_len, allow_empty=True)
+    enc_device = next(text_encoder.parameters()).device
+    ids, mask = ids.to(enc_device), mask.to(enc_device)
+    hidden = text_encoder(ids, mask)
+    return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).to(device)
+
+
+def encode_prompts(models: TeacherModels, prompts: Sequence[str],
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """``encode_text`` with a teacher's tokenizer, encoder and text_len."""
+    return encode_text(models.tokenizer, models.text_encoder, prompts,
+                       models.config.dit.text_len, device)
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:

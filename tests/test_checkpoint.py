@@ -109,3 +109,13 @@ def test_not_a_teacher_folder(tmp_path):
         detect_layout(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not a Wan2.2 teacher folder"):
         detect_layout(tmp_path)
+
+
+def test_parts_only_load_skips_the_experts(tiny, tmp_path):
+    models, official, _ = tiny
+    broken = shutil.copytree(official, tmp_path / "noexperts")
+    shutil.rmtree(broken / "high_noise_model")  # not even read when experts=False
+    parts = load_teacher(broken, experts=False)
+    assert parts.expert_high is None and parts.expert_low is None
+    assert_same_state(models.vae, parts.vae)
+    assert_same_state(models.text_encoder, parts.text_encoder)
