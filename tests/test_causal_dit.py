@@ -40,14 +40,6 @@ DIT = dict(dim=24, ffn_dim=32, freq_dim=16, num_heads=2, num_layers=2, in_dim=4,
            text_len=8, eps=1e-6, text_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box has 2 cores shared by several jobs; OpenMP barriers under oversubscription make
-    # tiny ops ~50x slower. One thread keeps this file fast and timing-stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:

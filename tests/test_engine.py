@@ -25,13 +25,6 @@ from teacher.vae import WanVAE
 FPS = 8.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared 2-core box: OpenMP oversubscription makes tiny convolutions ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:

@@ -17,13 +17,6 @@ DIT = dict(dim=24, ffn_dim=32, freq_dim=16, num_heads=2, num_layers=2, in_dim=4,
            text_len=8, eps=1e-6, text_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared 2-core box: OpenMP oversubscription makes tiny ops much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy(forward_chunk):

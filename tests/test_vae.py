@@ -24,13 +24,6 @@ TINY = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
             temperal_downsample=[False, True, True])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's 2 cores are shared; several threads per conv are much slower there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
