@@ -152,6 +152,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 # Commands whose flags are defined by their own module's parser: (module, help).
 DELEGATED = {
+    "eval": ("eval.run", "evaluate teacher and student: latency, oracle, FVD, LPIPS, CLIP score "
+             "-> report.json, report.md, quality_vs_latency.png"),
     "train-teacher": ("distill.teacher_training.run",
                       "train the embedded shapes-world teacher (VAE, text encoder, two experts)"),
 }

@@ -37,8 +37,13 @@ class _FeatureTensors(torch.nn.Module):
         return self._tensor(self.clip.get_text_features(*args, **kwargs))
 
 
-def load_clip_score(clip_dir: str | os.PathLike | None, device: torch.device | str = "cpu"):
-    """A torchmetrics ``CLIPScore`` over the CLIP model in ``clip_dir`` (never the network)."""
+def load_clip_score(clip_dir: str | os.PathLike | None, device: torch.device | str = "cpu",
+                    sync_on_compute: bool = True):
+    """A torchmetrics ``CLIPScore`` over the CLIP model in ``clip_dir`` (never the network).
+
+    ``sync_on_compute=False`` keeps ``compute()`` local to this process: per-video scores are
+    computed one video at a time, and a multi-process run gathers them in its own metric state.
+    """
     if not clip_dir:
         raise MetricUnavailable(
             "CLIP score needs a local CLIP folder (e.g. a snapshot of openai/clip-vit-base-patch32 "
@@ -57,7 +62,8 @@ def load_clip_score(clip_dir: str | os.PathLike | None, device: torch.device | s
         processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
         raise MetricUnavailable(f"cannot load CLIP from {folder}: {err}") from None
-    metric = CLIPScore(model_name_or_path=lambda: (_FeatureTensors(model), processor))
+    metric = CLIPScore(model_name_or_path=lambda: (_FeatureTensors(model), processor),
+                       sync_on_compute=sync_on_compute)
     return metric.to(device)
 
 

@@ -1,0 +1,347 @@
+"""The quality-vs-latency evaluation: Pareto front, timing helpers, systems, metric states, and a
+small end-to-end run with a tiny random teacher and student.
+
+Numbers from random networks are plumbing, not quality: the end-to-end test asserts structure
+(every field, reasons for unavailable metrics, a decodable PNG) and that numbers computed with
+the random-test FVD network never appear in the Markdown table under the name FVD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.distributed_eval import EvalConfig, MetricNetworks, OracleCounts, VideoFeatures
+from eval.latency import rotation, side_by_side, summarize
+from eval.oracle import accuracy
+from eval.report import (
+    RANDOM_TEST_NETWORK,
+    available,
+    build_report,
+    pareto_front,
+    unavailable,
+)
+from eval.run import add_eval_arguments, check_config, evaluate_main, load_config, overrides_from_args
+from eval.shapes_world import eval_prompts, parse_caption, render, sample_spec
+from eval.systems import StudentSystem, TeacherSystem, seeded_noise
+from student.checkpoint import save_student, student_from_expert_state_dict
+from student.config import StudentConfig
+from teacher.checkpoint import save_teacher
+from teacher.pipeline import initial_noise
+from tests.tiny_teacher import TINY, tiny_models
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# 9 frames: the I3D-protocol minimum, so the FVD plumbing runs on the tiny clips.
+TINY_9 = replace(TINY, sampling=replace(TINY.sampling, frames=9))
+SYSTEM_FIELDS = {"name", "kind", "steps", "nfe", "streaming", "latency_s",
+                 "time_to_first_frame_s", "quality_pass", "oracle", "fvd", "paired",
+                 "clip_score", "pareto"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP
+    # workers of several processes slow each other down by an order of magnitude.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _tiny_student_config() -> StudentConfig:
+    return StudentConfig(name="tiny", teacher="tiny", dit=TINY_9.dit, chunk_frames=1,
+                         sink_chunks=1, window_chunks=2, steps=4, shift=3.0,
+                         guidance_default=3.0, guidance_max=5.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("eval")
+    models = tiny_models(TINY_9)
+    save_teacher(root / "teacher", models)
+    config = _tiny_student_config()
+    student = student_from_expert_state_dict(config, models.expert_low.state_dict(),
+                                             trainable=False)
+    with torch.no_grad():  # a non-zero guidance embedding, so guidance reaches the output
+        for p in student.guidance_embedding.parameters():
+            p.normal_(0.0, 0.1)
+    save_student(root / "student", student, config)
+    return {"root": root, "teacher": root / "teacher", "student": root / "student"}
+
+
+class RandomFeatures(torch.nn.Module):
+    """A random video embedding [B, 3, T, 224, 224] -> [B, 6] standing in for the I3D."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = torch.nn.Linear(3 * 4 * 4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.nn.functional.adaptive_avg_pool3d(x, (1, 4, 4)).flatten(1))
+
+
+def _tiny_config(folders: dict, out: Path, **changes) -> EvalConfig:
+    overrides = [f"teacher_dir={folders['teacher']}", f"student_dir={folders['student']}",
+                 "num_prompts=4", "batch_size=4", "latency.warmup=0", "latency.repeats=2",
+                 f"out={out}", "fvd.num_frames=9", "fvd.bootstrap=20", "trainer.accelerator=cpu",
+                 "progress=false"]
+    return replace(load_config(None, overrides), **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pareto front
+
+
+def test_pareto_front_hand_made_points():
+    # (latency, accuracy): index 2 is dominated by index 1 (slower and worse); 1 and 4 are equal
+    # points, neither dominates the other; index 3 is fastest though worst.
+    points = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (0.5, 0.2), (2.0, 0.7)]
+    assert pareto_front(points) == [3, 0, 1, 4]
+    # Same latency: the better one wins; same quality: the faster one wins.
+    assert pareto_front([(1.0, 0.5), (1.0, 0.6)]) == [1]
+    assert pareto_front([(1.0, 0.5), (2.0, 0.5)]) == [0]
+    assert pareto_front([(4.0, 0.9)]) == [0]
+    assert pareto_front([]) == []
+
+
+def test_pareto_front_minimising_quality():
+    # FVD-like: lower is better. (3, 7) is dominated by (2, 5).
+    assert pareto_front([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], maximize_y=False) == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [[(1.0, float("nan"))], [(float("inf"), 0.1)], [(1.0,)]])
+def test_pareto_front_rejects_bad_points(bad):
+    with pytest.raises(ValueError, match="finite"):
+        pareto_front(bad)
+
+
+def test_build_report_marks_the_front_and_skips_systems_without_numbers():
+    def system(name, latency, joint):
+        return {"name": name, "kind": "teacher",
+                "latency_s": None if latency is None else summarize([latency]).to_dict(),
+                "oracle": available(joint=joint, n=10) if joint is not None
+                else unavailable("no oracle")}
+
+    systems = [system("a", 1.0, 0.5), system("b", 2.0, 0.4), system("c", 0.5, 0.3),
+               system("d", None, 0.9), system("e", 3.0, None)]
+    report = build_report(world="shapes", systems=systems, settings={}, machine={}, weights={})
+    pareto = {s["name"]: s["pareto"] for s in report["systems"]}
+    assert pareto == {"a": True, "b": False, "c": True, "d": None, "e": None}
+    assert report["quality_axis"]["key"] == "oracle"
+    with pytest.raises(ValueError, match="distinct"):
+        build_report(world="shapes", systems=[systems[0], systems[0]], settings={}, machine={},
+                     weights={})
+
+
+def test_unavailable_needs_a_reason():
+    with pytest.raises(ValueError, match="reason"):
+        unavailable("  ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers
+
+
+def test_summarize_matches_numpy_quantiles():
+    samples = [0.31, 0.12, 0.5, 0.2, 0.9, 0.25]
+    s = summarize(samples)
+    q25, q50, q75 = np.quantile(samples, [0.25, 0.5, 0.75])
+    assert (s.n, s.min, s.max) == (6, 0.12, 0.9)
+    assert s.median == pytest.approx(q50, abs=1e-15)
+    assert (s.q25, s.q75) == pytest.approx((q25, q75), abs=1e-15)
+    with pytest.raises(ValueError):
+        summarize([])
+    with pytest.raises(ValueError):
+        summarize([0.1, -1.0])
+
+
+def test_side_by_side_rotates_and_discards_warmup():
+    calls = []
+
+    def run(name):
+        return lambda r: calls.append((name, r)) or (name, r)
+
+    results = side_by_side({"a": run("a"), "b": run("b"), "c": run("c")}, warmup=1, repeats=2)
+    assert [c[0] for c in calls] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert results == {"a": [("a", 1), ("a", 2)], "b": [("b", 1), ("b", 2)],
+                       "c": [("c", 1), ("c", 2)]}
+    assert rotation(["x", "y"], 3) == ["y", "x"]
+    with pytest.raises(ValueError):
+        side_by_side({"a": run("a")}, warmup=0, repeats=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems
+
+
+def test_student_and_teacher_start_from_the_same_noise():
+    shape, seeds = (16, 3, 4, 4), [5, 11]
+    noise, generators = seeded_noise(shape, seeds)
+    assert torch.equal(noise, initial_noise(shape, seeds))
+    # The generators continue past the initial noise (re-noising draws are fresh numbers).
+    again = torch.randn(shape, generator=generators[0])
+    assert not torch.equal(again, noise[0])
+
+
+def test_systems_are_batch_invariant_and_report_costs(tiny_folders):
+    from student.checkpoint import load_student
+    from teacher.checkpoint import load_teacher
+
+    models = load_teacher(tiny_folders["teacher"])
+    student, config = load_student(tiny_folders["student"])
+    prompts, seeds = ["a red circle moving left", "一个蓝色的正方形向上移动"], [3, 8]
+    teacher = TeacherSystem(models, steps=2, solver="euler")
+    streaming = StudentSystem(student, config, models, steps=2)
+    assert teacher.info()["nfe"] == 4 and streaming.info()["nfe"] == 2 * 3
+    for system in (teacher, streaming):
+        both = system.generate(prompts, seeds)
+        alone = system.generate(prompts[1:], seeds[1:])
+        assert both.videos.shape == (2, 9, 32, 32, 3) and both.videos.dtype == torch.uint8
+        # The same prompt and seed give the same video at any batch size (up to one level of
+        # rounding where batched and single GEMMs round differently).
+        assert (both.videos[1].int() - alone.videos[0].int()).abs().max() <= 1
+        assert 0 < both.first_frame_seconds <= both.seconds
+    out = streaming.generate(prompts[:1], seeds[:1])
+    assert out.forwards == {"denoise": 6, "kv_append": 2}
+    assert out.first_frame_seconds < out.seconds  # the first chunk is out before the rest
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        teacher.generate(prompts, seeds[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric states
+
+
+def test_oracle_counts_equal_eval_oracle_accuracy():
+    prompts = eval_prompts(6, seed=3)
+    videos = [render(sample_spec(100 + i, parse_caption(p))) for i, p in enumerate(prompts)]
+    videos[1] = videos[0]  # a wrong video for prompt 1
+    videos[4] = np.zeros_like(videos[4])  # no object at all
+    metric = OracleCounts()
+    metric.update(torch.from_numpy(np.stack(videos[:3])), prompts[:3])
+    metric.update(torch.from_numpy(np.stack(videos[3:])), prompts[3:])
+    got, expected = metric.compute(), accuracy(videos, prompts)
+    for key in ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion", "correct"):
+        assert got[key] == expected[key], key
+    assert got["not_found"] == 1 and got["joint"] < 1.0
+    by_lang = got["by_language"]
+    assert by_lang["en"]["n"] + by_lang["zh"]["n"] == 6
+
+
+def test_video_features_gather_in_order():
+    metric = VideoFeatures()
+    a, b = torch.randn(3, 5), torch.randn(2, 5)
+    metric.update(a)
+    metric.update(b)
+    assert torch.equal(metric.compute(), torch.cat([a, b]))
+    with pytest.raises(ValueError, match="D=4"):
+        metric.update(torch.randn(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and CLI
+
+
+def test_shapes_yaml_is_the_default_and_a14b_yaml_is_valid():
+    assert load_config(REPO / "configs" / "eval" / "shapes.yaml") == EvalConfig()
+    a14b = load_config(REPO / "configs" / "eval" / "a14b.yaml")
+    check_config(a14b)
+    assert a14b.world == "prompts" and a14b.trainer.devices == 8
+    with pytest.raises(ValueError, match="no_such_key"):
+        load_config(None, ["no_such_key=1"])
+    with pytest.raises(ValueError, match="world"):
+        check_config(replace(EvalConfig(), world="mars"))
+
+
+def test_cli_flags_become_config_overrides():
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--num-prompts", "7", "--no-fvd", "--device", "cuda",
+                              "--set", "fvd.bootstrap=3", "--out", "somewhere"])
+    config = load_config(None, overrides_from_args(args))
+    assert config.num_prompts == 7 and config.out == "somewhere"
+    assert config.fvd.enabled is False and config.fvd.bootstrap == 3
+    assert config.trainer.accelerator == "gpu"
+    assert overrides_from_args(parser.parse_args([])) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "report"
+    nets = MetricNetworks(fvd_model=RandomFeatures(), fvd_network=RANDOM_TEST_NETWORK,
+                          lpips_reason="LPIPS trunk not installed (test)",
+                          clip_reason="no CLIP folder (test)")
+    report = evaluate_main(_tiny_config(tiny_folders, out), networks=nets)
+    stdout = capsys.readouterr().out
+    assert "eval (shapes, N=4, 6 systems" in stdout and str(out / "report.md") in stdout
+
+    on_disk = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    names = [s["name"] for s in on_disk["systems"]]
+    assert names == ["teacher-unipc-3", "teacher-euler-4", "teacher-euler-8", "student-1step",
+                     "student-2step", "student-4step"]
+    assert on_disk["reference"] == "teacher-unipc-3" and on_disk["skipped"] == []
+    for s in on_disk["systems"]:
+        assert SYSTEM_FIELDS <= set(s), s["name"]
+        assert s["latency_s"]["n"] == 2 and s["latency_s"]["median"] > 0
+        assert s["oracle"]["status"] == "ok" and s["oracle"]["n"] == 4
+        assert set(s["oracle"]["by_language"]) == {"en", "zh"}
+        assert s["fvd"]["status"] == "ok" and s["fvd"]["network"] == RANDOM_TEST_NETWORK
+        assert s["fvd"]["n_fake"] == 4 and s["fvd"]["n_real"] == 4
+        assert s["clip_score"] == {"status": "unavailable", "reason": "no CLIP folder (test)"}
+        paired = s["paired"]
+        if s["name"] == "teacher-unipc-3":
+            assert paired["status"] == "not applicable" and paired["reason"]
+        else:
+            assert paired["status"] == "ok" and paired["psnr_db"]["n"] == 4
+            assert paired["lpips"]["status"] == "unavailable" and paired["lpips"]["reason"]
+    students = [s for s in on_disk["systems"] if s["kind"] == "student"]
+    assert all(s["streaming"] for s in students)
+    assert all(s["time_to_first_frame_s"]["median"] < s["latency_s"]["median"] for s in students)
+    assert sum(bool(s["pareto"]) for s in on_disk["systems"]) >= 1
+    assert report["systems"][0]["nfe"] == on_disk["systems"][0]["nfe"]
+
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert markdown.count("random-test network") == 6  # the FVD cells
+    for s in on_disk["systems"]:  # the random-feature distance is never printed as FVD
+        assert f"{s['fvd']['value']:.1f}" not in markdown.split("## Protocol")[0]
+    assert "unavailable: no CLIP folder (test)" in markdown
+
+    png = (out / "quality_vs_latency.png").read_bytes()
+    assert png[:8] == PNG_SIGNATURE
+    with Image.open(out / "quality_vs_latency.png") as image:
+        image.load()
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_missing_student_still_evaluates_the_teacher(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "report"
+    config = _tiny_config(tiny_folders, out, student_dir=str(tmp_path / "no-student"),
+                          num_prompts=2)
+    nets = MetricNetworks(fvd_reason="I3D weights not found (test)",
+                          lpips_reason="no trunk (test)", clip_reason="no CLIP (test)")
+    report = evaluate_main(config, networks=nets)
+    stdout = capsys.readouterr().out
+    assert "student not found" in stdout and "wan-distill distill" in stdout
+    assert [s["kind"] for s in report["systems"]] == ["teacher"] * 3
+    assert [s["name"] for s in report["skipped"]] == ["student-1step", "student-2step",
+                                                      "student-4step"]
+    assert all("wan-distill distill" in s["reason"] for s in report["skipped"])
+    assert any("wan-distill distill" in note for note in report["notes"])
+    for s in report["systems"]:
+        assert s["fvd"] == {"status": "unavailable", "reason": "I3D weights not found (test)"}
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "student-1step not evaluated" in markdown
+    assert "fvd: unavailable: I3D weights not found (test)" in markdown
