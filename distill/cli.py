@@ -152,6 +152,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 # Commands whose flags are defined by their own module's parser: (module, help).
 DELEGATED = {
+    "distill": ("distill.run", "distill the teacher into the causal few-step student (default: "
+                "the embedded shapes teacher on the CPU)"),
     "eval": ("eval.run", "evaluate teacher and student: latency, oracle, FVD, LPIPS, CLIP score "
              "-> report.json, report.md, quality_vs_latency.png"),
     "train-teacher": ("distill.teacher_training.run",

@@ -1,0 +1,137 @@
+"""Typed run configuration of the distillation job, one dataclass per concern.
+
+Architecture numbers live in presets (``teacher.config``, ``student.config``); a YAML recipe in
+``configs/distill/`` names the student preset and the teacher folder and sets the run knobs below
+(steps, batch sizes, learning rates, parallelism). ``distill.run.load_config`` parses a recipe
+into ``DistillConfig`` with jsonargparse, so every key is type-checked and an unknown key is an
+error naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distill.data.latents import LatentSource
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warm-up, then a constant learning rate."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm of the trained network; 0 disables clipping
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sharding and precision (used when the strategy is model_parallel, i.e. FSDP2).
+
+    compute_dtype: "bf16" = MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 masters for
+        the trained networks; "fp32" everywhere on the CPU.
+    teacher_dtype: storage/compute dtype of the frozen causal teacher (fp32 islands stay fp32).
+    activation_checkpointing: recompute each block of the trained networks in backward.
+    """
+
+    compute_dtype: str = "fp32"
+    teacher_dtype: str = "fp32"
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True)
+class ARAdaptationConfig:
+    """Stage A: the two teacher experts made causal by teacher forcing (flow matching).
+
+    Each step trains ONE expert (drawn identically on every rank, with probability = its share
+    of the training noise levels) on t inside its range; caption dropout feeds the negative
+    prompt encoding so classifier-free guidance keeps working.
+    """
+
+    max_steps: int = 200
+    batch_size: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    caption_dropout: float = 0.1
+    train_shift: float | None = None  # noise-level shift of training t; None: the teacher's
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Stage B: causal consistency distillation into the student (``distill.consistency``)."""
+
+    max_steps: int = 300
+    batch_size: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    num_intervals: int = 48  # N of the discretised teacher schedule
+    loss: str = "pseudo_huber"
+    huber_c: float = 1e-3
+    ema_decay: float = 0.99
+    ema_start_step: int = 0  # before it the EMA copies the student (FastVideo starts at 200)
+    teacher_solver: str = "euler"
+    per_chunk_intervals: bool = True
+    guidance_min: float = 1.0  # student guidance ~ U[guidance_min, student preset guidance_max]
+    export_weights: str = "ema"  # which weights the exported student folder's top level holds
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the latents come from; encoded once into ``cache_dir`` (default: a folder under
+    ``distill.paths.default_latent_cache_dir()`` named by the source and the teacher)."""
+
+    source: LatentSource = field(default_factory=LatentSource)
+    cache_dir: str | None = None
+    encode_batch_size: int = 16
+    store_dtype: str = "fp32"
+    num_workers: int = 0
+    num_frames: int | None = None  # latent frames per training clip; None: all cached frames
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What the Lightning Trainers of the job get.
+
+    strategy: "auto" (one process, plain modules) or "model_parallel" (FSDP2 through
+    ModelParallelStrategy; data_parallel_size x tensor_parallel_size = devices x num_nodes, and
+    tensor_parallel_size must be 1: sequence parallelism is not implemented).
+    """
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    data_parallel_size: int | None = None
+    tensor_parallel_size: int = 1
+    precision: str = "32-true"
+    checkpoint_every_n_steps: int = 100
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    num_threads: int | None = None  # CPU threads of torch; None: its default (1 if OpenMP spins)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The whole job: data -> stage A (causal teacher) -> stage B (student) -> export.
+
+    teacher_dir: the teacher folder; None = the embedded shapes teacher (teacher/weights/shapes).
+    student: student preset name (``student.config.STUDENT_PRESETS``).
+    student_init: a WanModel folder to initialise the student from (e.g. Wan2.1-T2V-1.3B); None =
+        the adapted low-noise expert (the student then has the experts' shape).
+    output_dir: where the student is exported; None = ``distill.paths.default_student_dir``.
+    run_dir: checkpoints and the adapted causal teacher; None = ``distill.paths.default_run_dir``.
+    resume: continue a run found in run_dir (same teacher and settings) from its last checkpoint.
+    """
+
+    teacher_dir: str | None = None
+    student: str = "shapes"
+    student_init: str | None = None
+    output_dir: str | None = None
+    run_dir: str | None = None
+    seed: int = 0
+    resume: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    stage_a: ARAdaptationConfig = field(default_factory=ARAdaptationConfig)
+    stage_b: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

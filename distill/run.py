@@ -1,0 +1,376 @@
+"""The distillation job: data -> stage A (causal teacher) -> stage B (student) -> export.
+
+``distill_main()`` with no arguments runs the shapes recipe (``configs/distill/shapes.yaml``, whose
+values are also ``DistillConfig``'s defaults, so the job runs without the configs folder) on the
+embedded teacher and writes the student where ``wan-distill stream`` / ``eval`` look by default
+(``distill.paths.default_student_dir``). Every stage is resumable: the latent cache is complete
+once its manifest exists, stage A once the causal teacher's json exists, and both training stages
+restart from their last checkpoint when the run folder belongs to the same teacher and settings.
+
+Under ``torchrun`` (or a cluster launcher) every rank runs ``distill_main``; Lightning's
+ModelParallelStrategy picks the processes up, and only rank 0 prints and writes shared files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before torch is imported (libgomp reads this once, when it loads): OpenMP worker threads that
+# spin-wait for work thrash when another process holds one of the cores; measured on the 2-core
+# CPU with one busy neighbour, a CD step took 12.9 s spinning and 1.0 s passive. setdefault: an
+# explicit user setting wins. If torch was imported earlier, this comes too late and
+# ``distill_main`` falls back to one thread (``_passive_omp``), which cannot thrash.
+_PASSIVE_OMP = ("torch" not in sys.modules
+                or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from distill.ar_adaptation import CAUSAL_TEACHER_FILE, ARAdaptationModule  # noqa: E402
+from distill.config import DistillConfig, TrainerConfig  # noqa: E402
+from distill.data.latents import (  # noqa: E402
+    LatentDataModule,
+    build_latent_cache,
+    cache_key,
+    teacher_fingerprint,
+)
+from distill.export import export_student  # noqa: E402
+from distill.module import ConsistencyDistillationModule  # noqa: E402
+from distill.paths import (  # noqa: E402
+    default_latent_cache_dir,
+    default_run_dir,
+    default_student_dir,
+    embedded_teacher_dir,
+)
+from student.config import StudentConfig, student_config_to_dict, student_preset  # noqa: E402
+from teacher.checkpoint import CONFIG_FILE  # noqa: E402
+from teacher.config import A14B, TeacherConfig, teacher_config_from_dict, teacher_config_to_dict  # noqa: E402
+from teacher.weight_files import write_text_atomic  # noqa: E402
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes.yaml"
+IDENTITY_FILE = "identity.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def build_parser() -> ArgumentParser:
+    """The typed parser of a recipe: ``--config FILE`` plus dotted overrides such as
+    ``--stage_b.max_steps=100``; unknown keys and wrong types are errors."""
+    parser = ArgumentParser(prog="wan-distill distill", description=__doc__.splitlines()[0],
+                            default_config_files=[])
+    parser.add_argument("--config", action="config", help="a recipe YAML (configs/distill/*.yaml)")
+    parser.add_class_arguments(DistillConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def load_config(config_path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> DistillConfig:
+    """A recipe (default: the shapes recipe) plus overrides -> ``DistillConfig``.
+
+    Overrides are ``key=value`` or ``--key=value`` with dotted keys (``stage_b.optim.lr=3e-4``).
+    """
+    args: list[str] = []
+    path = Path(config_path) if config_path is not None else DEFAULT_RECIPE
+    if config_path is not None and not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist; see configs/distill/ for examples")
+    if path.is_file():
+        args += ["--config", str(path)]
+    args += [o if o.startswith("--") else f"--{o}" for o in overrides]
+    parser = build_parser()
+    namespace = parser.parse_args(args)
+    built = parser.instantiate(namespace)
+    values = {k: getattr(built, k) for k in DistillConfig.__dataclass_fields__}
+    return DistillConfig(**values)
+
+
+def read_teacher_config(teacher_dir: Path) -> TeacherConfig:
+    """The teacher folder's ``wan_distill.json`` (the embedded teacher), else the A14B preset."""
+    path = teacher_dir / CONFIG_FILE
+    if path.is_file():
+        return teacher_config_from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+    return A14B
+
+
+def resolve_student(config: DistillConfig, teacher: TeacherConfig) -> StudentConfig:
+    """The student preset, checked against where its weights start."""
+    student = student_preset(config.student)
+    if config.student_init is None and student.dit != teacher.dit:
+        raise ValueError(
+            f"student preset {config.student!r} has another DiT shape than the teacher's experts "
+            f"({student.dit} vs {teacher.dit}), so it cannot start from the adapted low-noise "
+            f"expert; set student_init to a WanModel folder of its shape (e.g. Wan2.1-T2V-1.3B)")
+    return student
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainers
+
+
+class StageProgress(Callback):
+    """One tqdm bar per training stage, counting optimizer steps up to max_steps (rank 0)."""
+
+    def __init__(self, description: str, total: int, enabled: bool = True):
+        self.description, self.total, self.enabled = description, total, enabled
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.bar = tqdm(total=self.total, initial=trainer.global_step, desc=self.description,
+                        unit="step", disable=not (self.enabled and trainer.is_global_zero),
+                        dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        loss = trainer.callback_metrics.get("loss")
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_strategy(tc: TrainerConfig):
+    """'auto' -> Lightning's default; 'model_parallel' -> ModelParallelStrategy (FSDP2)."""
+    if tc.strategy == "auto":
+        return "auto"
+    if tc.strategy != "model_parallel":
+        raise ValueError(f"trainer.strategy={tc.strategy!r} must be 'auto' or 'model_parallel'")
+    if tc.tensor_parallel_size != 1:
+        raise ValueError(f"trainer.tensor_parallel_size={tc.tensor_parallel_size}: sequence/tensor "
+                         f"parallelism is not implemented; use 1 and shard over data_parallel")
+    return ModelParallelStrategy(data_parallel_size=tc.data_parallel_size or "auto",
+                                 tensor_parallel_size=1)
+
+
+def make_trainer(tc: TrainerConfig, stage_dir: Path, max_steps: int, description: str,
+                 extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """A Trainer for one training stage: checkpoints (last only) and CSV logs in ``stage_dir``."""
+    checkpoint = ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step{step}",
+                                 every_n_train_steps=max(1, tc.checkpoint_every_n_steps),
+                                 save_top_k=0, save_last=True)
+    return L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=make_strategy(tc), precision=tc.precision, max_steps=max_steps,
+        log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=False,
+        enable_model_summary=False, logger=CSVLogger(stage_dir, name="logs"),
+        callbacks=[checkpoint, StageProgress(description, max_steps, tc.progress_bar),
+                   *extra_callbacks],
+        use_distributed_sampler=True)
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    """``<stage_dir>/checkpoints/last.ckpt`` (a file, or a folder for sharded checkpoints)."""
+    path = stage_dir / "checkpoints" / "last.ckpt"
+    return str(path) if path.exists() else None
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def prepare_stage_dir(stage_dir: Path, identity: dict, resume: bool) -> bool:
+    """Make ``stage_dir`` belong to ``identity`` (teacher, data, settings): a folder of another
+    identity, or any folder when ``resume`` is False, is cleared. Returns True if the folder
+    already belonged to it (its checkpoints may be resumed)."""
+    path = stage_dir / IDENTITY_FILE
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as read back from the file
+    same = resume and path.is_file() and json.loads(path.read_text(encoding="utf-8")) == identity
+    _barrier()
+    if _rank() == 0 and not same:
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        write_text_atomic(json.dumps(identity, indent=2, ensure_ascii=False), path)
+    _barrier()
+    return same
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class DistillSummary:
+    """What a distillation run did: folders, seconds per phase, steps and final losses."""
+
+    student_dir: Path
+    causal_teacher_dir: Path
+    cache_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        s = self.seconds
+
+        def clock(x: float) -> str:
+            return f"{int(x // 60)}m{int(x % 60):02d}s"
+
+        loss = ", ".join(f"{k} loss {v:.4f}" for k, v in self.losses.items())
+        return (f"distilled in {clock(s.get('total', 0))} (data {clock(s.get('data', 0))}, "
+                f"stage A {self.steps.get('stage_a', 0)} steps {clock(s.get('stage_a', 0))}, "
+                f"stage B {self.steps.get('stage_b', 0)} steps {clock(s.get('stage_b', 0))}"
+                f"{'; ' + loss if loss else ''}) -> {self.student_dir}")
+
+
+def _quiet_lightning() -> None:
+    """Keep the console to the progress bars and the summary (logs still go to CSV)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*ModelParallelStrategy.*experimental.*")
+    # The EMA target network is registered (checkpointed) and deliberately in eval mode.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def distill_main(config: str | os.PathLike | DistillConfig | None = None,
+                 overrides: Sequence[str] = (), *, verbose: bool = True) -> DistillSummary:
+    """Run the whole distillation job; returns its summary (and prints its one-line form).
+
+    Args:
+        config: a recipe path, a ``DistillConfig``, or None for the shapes recipe.
+        overrides: dotted ``key=value`` overrides of the recipe (``stage_b.max_steps=50``).
+        verbose: print the closing summary line (rank 0).
+    """
+    cfg = config if isinstance(config, DistillConfig) else load_config(config, overrides)
+    if isinstance(config, DistillConfig) and overrides:
+        raise ValueError("overrides apply to recipe files; edit the DistillConfig directly")
+    _quiet_lightning()
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    elif not _PASSIVE_OMP and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)  # spinning OpenMP threads would thrash on a shared CPU
+    start = time.perf_counter()
+    teacher_dir = Path(cfg.teacher_dir) if cfg.teacher_dir else embedded_teacher_dir()
+    if not teacher_dir.is_dir():
+        raise FileNotFoundError(
+            f"teacher folder {teacher_dir} does not exist; "
+            + ("the embedded shapes teacher is not installed (train it with the teacher_training "
+               "job) or pass teacher_dir=PATH" if cfg.teacher_dir is None else
+               "pass the folder of the downloaded Wan2.2-T2V-A14B checkpoint"))
+    teacher = read_teacher_config(teacher_dir)
+    student = resolve_student(cfg, teacher)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.student)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_student_dir(cfg.student)
+    seconds: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    losses: dict[str, float] = {}
+
+    # Data: encoded once, reused by both stages and by later runs.
+    t0 = time.perf_counter()
+    key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
+    tc = cfg.trainer
+    build_latent_cache(cache_dir, cfg.data.source, str(teacher_dir),
+                       batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
+                       num_workers=cfg.data.num_workers,
+                       trainer_kwargs={"accelerator": tc.accelerator, "devices": tc.devices,
+                                       "num_nodes": tc.num_nodes,
+                                       "strategy": make_strategy(tc),
+                                       "enable_progress_bar": tc.progress_bar})
+    seconds["data"] = time.perf_counter() - t0
+
+    def datamodule(batch_size: int) -> LatentDataModule:
+        return LatentDataModule(str(cache_dir), batch_size=batch_size, num_frames=cfg.data.num_frames,
+                                seed=cfg.seed, num_workers=cfg.data.num_workers)
+
+    # Stage A: the causal two-expert teacher.
+    t0 = time.perf_counter()
+    stage_a_dir = run_dir / "stage_a"
+    causal_dir = run_dir / "causal_teacher"
+    identity_a = {"teacher": teacher_fingerprint(teacher_dir), "data": key,
+                  "chunk_frames": student.chunk_frames, "stage_a": asdict(cfg.stage_a),
+                  "parallel": asdict(cfg.parallel), "seed": cfg.seed}
+    resumable = prepare_stage_dir(stage_a_dir, identity_a, cfg.resume)
+    if not (resumable and (causal_dir / CAUSAL_TEACHER_FILE).is_file()):
+        if _rank() == 0 and causal_dir.exists():
+            shutil.rmtree(causal_dir)
+        L.seed_everything(cfg.seed, verbose=False)
+        module_a = ARAdaptationModule(str(teacher_dir), teacher_config_to_dict(teacher),
+                                      student_config_to_dict(student), cfg.stage_a, cfg.parallel,
+                                      cfg.seed)
+        trainer_a = make_trainer(tc, stage_a_dir, cfg.stage_a.max_steps,
+                                 "stage A: causal teacher")
+        trainer_a.fit(module_a, datamodule(cfg.stage_a.batch_size),
+                      ckpt_path=last_checkpoint(stage_a_dir) if resumable else None)
+        module_a.export_causal_teacher(causal_dir)
+        _barrier()
+        if "loss" in trainer_a.callback_metrics:
+            losses["stage A"] = float(trainer_a.callback_metrics["loss"])
+    steps["stage_a"] = cfg.stage_a.max_steps
+    seconds["stage_a"] = time.perf_counter() - t0
+
+    # Stage B: consistency distillation into the student.
+    t0 = time.perf_counter()
+    stage_b_dir = run_dir / "stage_b"
+    identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+                  "student_init": cfg.student_init, "stage_b": asdict(cfg.stage_b)}
+    resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
+    L.seed_everything(cfg.seed, verbose=False)
+    module_b = ConsistencyDistillationModule(str(causal_dir), student_config_to_dict(student),
+                                             cfg.student_init, cfg.stage_b, cfg.parallel, cfg.seed)
+    trainer_b = make_trainer(tc, stage_b_dir, cfg.stage_b.max_steps,
+                             "stage B: consistency distillation")
+    trainer_b.fit(module_b, datamodule(cfg.stage_b.batch_size),
+                  ckpt_path=last_checkpoint(stage_b_dir) if resumable else None)
+    if "loss" in trainer_b.callback_metrics:
+        losses["stage B"] = float(trainer_b.callback_metrics["loss"])
+    steps["stage_b"] = cfg.stage_b.max_steps
+    export_student(module_b.student, module_b.ema_student, student, output_dir,
+                   main=cfg.stage_b.export_weights, rank=trainer_b.global_rank,
+                   info={"step": trainer_b.global_step, "teacher_dir": str(teacher_dir),
+                         "causal_teacher_dir": str(causal_dir), "stage_b": asdict(cfg.stage_b)})
+    _barrier()
+    seconds["stage_b"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - start
+
+    summary = DistillSummary(output_dir, causal_dir, cache_dir, seconds, steps, losses)
+    if verbose and _rank() == 0:
+        print(summary.line(), flush=True)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill.run [--config FILE] [--key=value ...]``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        config = argv[i + 1]
+        del argv[i: i + 2]
+    distill_main(config, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The distillation job (``distill.run``): recipes, the whole job on a tiny teacher, resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import DistillConfig
+from distill.paths import default_student_dir, wan_distill_home
+from distill.run import DEFAULT_RECIPE, distill_main, load_config
+from student.checkpoint import load_student
+from student.config import STUDENT_PRESETS, StudentConfig
+from tests.tiny_teacher import TINY, tiny_models, write_official
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shapes_recipe_is_the_default_config():
+    # `wan-distill distill` without arguments must run the shapes recipe even where the
+    # configs folder is not installed: the YAML and the dataclass defaults must agree.
+    assert DEFAULT_RECIPE == REPO / "configs" / "distill" / "shapes.yaml"
+    assert load_config() == DistillConfig()
+
+
+@pytest.mark.parametrize("name", ["a14b-to-causal-1.3b", "a14b-to-causal-14b"])
+def test_gpu_recipes_parse(name):
+    cfg = load_config(REPO / "configs" / "distill" / f"{name}.yaml",
+                      ["data.source.folder=/videos", "--teacher_dir=/teacher"])
+    assert cfg.trainer.strategy == "model_parallel" and cfg.parallel.compute_dtype == "bf16"
+    assert cfg.parallel.activation_checkpointing and cfg.data.source.folder == "/videos"
+    assert cfg.trainer.devices * cfg.trainer.num_nodes == cfg.trainer.data_parallel_size
+
+
+def test_recipe_errors():
+    with pytest.raises(SystemExit):  # jsonargparse names the unknown key and exits
+        load_config(None, ["stage_b.max_stepz=3"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+    with pytest.raises(ValueError, match="data.source.folder"):
+        load_config(REPO / "configs" / "distill" / "a14b-to-causal-1.3b.yaml")
+
+
+def test_default_paths_follow_wan_distill_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_DISTILL_HOME", str(tmp_path))
+    assert wan_distill_home() == tmp_path
+    assert default_student_dir() == tmp_path / "students" / "shapes"
+    monkeypatch.delenv("WAN_DISTILL_HOME")
+    assert default_student_dir("causal-1.3b") == Path.home() / ".cache" / "wan-distill" / \
+        "students" / "causal-1.3b"
+    with pytest.raises(ValueError):
+        default_student_dir("../x")
+
+
+def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
+    tiny = StudentConfig(name="tiny", teacher="tiny", dit=TINY.dit, chunk_frames=1,
+                         sink_chunks=1, window_chunks=1, shift=3.0, guidance_default=3.0,
+                         guidance_max=5.0)
+    monkeypatch.setitem(STUDENT_PRESETS, "tiny", tiny)
+    monkeypatch.setenv("WAN_DISTILL_HOME", str(tmp_path / "home"))
+    teacher = write_official(tmp_path / "teacher", tiny_models(seed=2))
+    overrides = [f"teacher_dir={teacher}", "student=tiny", "data.source.num_clips=4",
+                 "data.source.num_frames=5", "data.encode_batch_size=4", "stage_a.max_steps=2",
+                 "stage_a.batch_size=2", "stage_b.max_steps=2", "stage_b.batch_size=2",
+                 "stage_b.num_intervals=6", "trainer.progress_bar=false",
+                 "trainer.checkpoint_every_n_steps=1"]
+    summary = distill_main(None, overrides)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("distilled in ") and str(summary.student_dir) in line
+    assert "stage A 2 steps" in line and "stage B 2 steps" in line
+    assert summary.student_dir == tmp_path / "home" / "students" / "tiny"
+    model, config = load_student(summary.student_dir)
+    assert config == tiny and model.guidance_embedding is not None
+    export = json.loads((summary.student_dir / "wan_distill_export.json").read_text())
+    assert export["main"] == "ema" and export["step"] == 2
+
+    # Same settings again: the cache, the causal teacher and stage B's last checkpoint are reused
+    # (no new training step), and the export is the same.
+    stamp = (summary.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns
+    again = distill_main(None, overrides, verbose=False)
+    assert (again.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
+    model2, _ = load_student(again.student_dir)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v)
+
+    # Changed stage-B settings: stage A is kept, stage B starts over.
+    third = distill_main(None, overrides + ["stage_b.optim.lr=0.0"], verbose=False)
+    assert (third.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
+    model3, _ = load_student(third.student_dir / "student")
+    low, _ = load_student(third.causal_teacher_dir / "low_noise_model")
+    # lr 0: the online student is still the low-noise expert it started from.
+    for k, v in low.state_dict().items():
+        assert torch.equal(model3.state_dict()[k], v)
