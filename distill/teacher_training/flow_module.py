@@ -1,0 +1,122 @@
+"""Stage 3 of teacher training: text encoder + expert_high + expert_low by flow matching.
+
+The text encoder has no pretrained weights in the shapes world, so it learns jointly with both
+experts through the flow-matching loss: its gradient comes from whichever expert each sample was
+routed to. A fraction of captions is replaced by the empty caption, which is what the sampler's
+unconditional pass (negative prompt "") feeds the experts, so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from distill.teacher_training.flow_losses import (
+    flow_matching_loss,
+    noisy_latents,
+    sample_expert_timesteps,
+)
+from distill.teacher_training.latents import CaptionedLatents
+from distill.teacher_training.settings import FlowStageConfig
+from distill.teacher_training.text import context_from_ids
+from distill.teacher_training.vae_module import warmup_cosine
+from teacher.config import TeacherConfig
+from teacher.dit import WanModel
+from teacher.t5 import UMT5Encoder
+
+
+class FlowTeacherModule(L.LightningModule):
+    """Trains ``text_encoder``, ``expert_high`` and ``expert_low`` of a teacher from scratch.
+
+    Batches (from ``CaptionedLatents``): x0 [B, z_dim, F, h, w] normalised latents, ids/mask
+    [B, text_len] caption tokens. Per step the first round(B * high_fraction) samples go to
+    expert_high with t in [boundary*1000, 999], the rest to expert_low with t below; the loss is
+    the flow-matching MSE averaged over the whole batch.
+
+    Args:
+        config: the teacher's architecture and sampling defaults (boundary).
+        stage: run knobs.
+        empty_ids, empty_mask: [text_len] tokens of the empty caption (EOS alone).
+    """
+
+    def __init__(self, config: TeacherConfig, stage: FlowStageConfig, empty_ids: torch.Tensor,
+                 empty_mask: torch.Tensor):
+        super().__init__()
+        if not 0.0 < stage.high_fraction < 1.0:
+            raise ValueError(f"flow.high_fraction={stage.high_fraction} must be in (0, 1): both "
+                             f"experts need samples every step")
+        if not 0.0 <= stage.caption_dropout < 1.0:
+            raise ValueError(f"flow.caption_dropout={stage.caption_dropout} must be in [0, 1)")
+        self.save_hyperparameters({"stage": asdict(stage), "teacher": config.name})
+        self.config, self.stage = config, stage
+        self.text_encoder = UMT5Encoder(**asdict(config.t5))
+        self.expert_high = WanModel(**asdict(config.dit))
+        self.expert_low = WanModel(**asdict(config.dit))
+        # Buffers so they follow the module's device; not persistent: rebuilt from the tokenizer.
+        self.register_buffer("empty_ids", empty_ids.clone(), persistent=False)
+        self.register_buffer("empty_mask", empty_mask.clone(), persistent=False)
+
+    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace each caption by the empty one with probability ``caption_dropout``."""
+        drop = torch.rand(ids.shape[0], device=ids.device) < self.stage.caption_dropout
+        ids = torch.where(drop[:, None], self.empty_ids[None], ids)
+        mask = torch.where(drop[:, None], self.empty_mask[None], mask)
+        return ids, mask
+
+    def losses(self, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flow-matching losses for a batch; ``loss`` (batch mean), ``loss_high``, ``loss_low``."""
+        s, sampling = self.stage, self.config.sampling
+        batch = x0.shape[0]
+        n_high = min(batch - 1, max(1, round(batch * s.high_fraction)))
+        context = context_from_ids(self.text_encoder, ids, mask)
+        noise = torch.randn_like(x0)
+        per_sample = []
+        terms = {}
+        for name, expert, rows in (("high", self.expert_high, slice(0, n_high)),
+                                   ("low", self.expert_low, slice(n_high, batch))):
+            n = rows.stop - rows.start
+            sigma, t = sample_expert_timesteps(n, name, sampling.boundary, s.train_shift,
+                                               sampling.num_train_timesteps)
+            sigma, t = sigma.to(x0.device), t.to(x0.device)
+            x_t = noisy_latents(x0[rows], noise[rows], sigma)
+            loss = flow_matching_loss(expert(x_t, t, context[rows]), x0[rows], noise[rows])
+            terms[f"loss_{name}"] = loss.mean()
+            per_sample.append(loss)
+        terms["loss"] = torch.cat(per_sample).mean()
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids, mask = self.drop_captions(batch["ids"], batch["mask"])
+        terms = self.losses(batch["x0"], ids, mask)
+        self.log_dict({f"flow/{k}": v for k, v in terms.items()}, prog_bar=True, on_step=True)
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        s = self.stage
+        groups = [
+            {"params": list(self.text_encoder.parameters()), "lr": s.text_lr},
+            {"params": list(self.expert_high.parameters()) + list(self.expert_low.parameters()),
+             "lr": s.lr},
+        ]
+        optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.99))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, s.steps, s.warmup_steps, s.final_lr_fraction))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Shuffled batches of ``CaptionedLatents``; the shuffle order comes from ``seed``."""
+
+    def __init__(self, dataset: CaptionedLatents, batch_size: int, seed: int):
+        super().__init__()
+        if batch_size < 2:
+            raise ValueError(f"flow.batch_size={batch_size} must be >= 2 (one sample per expert)")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
