@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-EMBEDDED_TEACHER = Path(__file__).resolve().parent.parent / "teacher" / "weights" / "shapes"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -49,11 +48,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from teacher.pipeline import GenerationRequest, generate, resolve_request, validate_request
     from teacher.video_io import write_mp4
 
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else EMBEDDED_TEACHER
+    from distill.paths import embedded_teacher_dir
+
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else embedded_teacher_dir()
     if args.checkpoint_dir is None and not ckpt.is_dir():
         raise SystemExit(
-            f"error: no --checkpoint-dir given and the embedded shapes teacher is not installed "
-            f"at {ckpt}; pass --checkpoint-dir PATH_TO/Wan2.2-T2V-A14B"
+            f"error: no --checkpoint-dir given and the embedded shapes teacher is not at {ckpt}; "
+            f"make it with `wan-distill train-teacher`, or pass --checkpoint-dir "
+            f"PATH_TO/Wan2.2-T2V-A14B"
         )
     if args.checkpoint_dir is not None and not ckpt.is_dir():
         raise SystemExit(f"error: --checkpoint-dir {ckpt} does not exist; pass the folder of the "
@@ -93,10 +95,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _student_and_teacher_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    from distill.paths import default_student_dir
+    from distill.paths import default_student_dir, embedded_teacher_dir
 
     student = Path(args.student) if args.student else default_student_dir("shapes")
-    teacher = Path(args.teacher_dir) if args.teacher_dir else EMBEDDED_TEACHER
+    teacher = Path(args.teacher_dir) if args.teacher_dir else embedded_teacher_dir()
     return student, teacher
 
 

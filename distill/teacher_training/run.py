@@ -22,6 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from distill.paths import embedded_teacher_dir, wan_distill_home
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
@@ -250,8 +252,8 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
     """
     cfg = load_training_config(config)
     seed = cfg.seed if seed is None else int(seed)
-    out = Path(out_dir if out_dir is not None else cfg.out_dir)
-    work = Path(work_dir if work_dir is not None else cfg.work_dir)
+    out = Path(out_dir or cfg.out_dir or embedded_teacher_dir())
+    work = Path(work_dir or cfg.work_dir or wan_distill_home() / "runs" / "teacher-shapes")
     work.mkdir(parents=True, exist_ok=True)
     teacher = teacher_config_for(cfg, teacher_config)
     _check_run_folder(work, cfg, seed, teacher)

@@ -100,8 +100,10 @@ class TeacherTrainingConfig:
 
     preset: str = "shapes"
     seed: int = 0
-    out_dir: str = "teacher/weights/shapes"
-    work_dir: str = "runs/teacher-shapes"
+    # None: the embedded teacher folder the package loads by default (teacher/weights/shapes)
+    # and $WAN_DISTILL_HOME/runs/teacher-shapes, whatever the working directory.
+    out_dir: str | None = None
+    work_dir: str | None = None
     # torch threads; on a CPU shared with other jobs, fewer threads than cores avoids spinning.
     num_threads: int = 2
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
