@@ -57,7 +57,7 @@ from teacher.checkpoint import load_teacher  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "eval" / "shapes.yaml"
 MAKE_STUDENT = "wan-distill distill"
-MAKE_TEACHER = "python -m distill.teacher_training.run --config configs/teacher/shapes.yaml"
+MAKE_TEACHER = "wan-distill train-teacher"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m eval.run [flags]`` (the same flags as ``wan-distill eval``)."""
-    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wan-distill eval", description=__doc__.splitlines()[0])
     add_eval_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

@@ -292,7 +292,7 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the embedded shapes-world teacher.")
+    parser = argparse.ArgumentParser(prog="wan-distill train-teacher", description="Train the embedded shapes-world teacher.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run recipe (YAML)")
     parser.add_argument("--out", default=None, help="teacher folder to write (default: the config's)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
