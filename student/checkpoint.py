@@ -29,6 +29,7 @@ from teacher.weight_files import (
     save_safetensors_atomic,
     weight_files_in,
     write_text_atomic,
+    read_json_file,
 )
 from student.causal_dit import CausalWanModel, is_student_fp32_island
 from student.config import StudentConfig, student_config_from_dict, student_config_to_dict
@@ -38,18 +39,14 @@ DIT_CONFIG_FILE = "config.json"
 DIT_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the student folder is incomplete")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+def _read_student_json(path: Path) -> dict:
+    return read_json_file(path, what="student folder")
+
 
 
 def _check_dit_config(folder: Path, config: StudentConfig) -> None:
     """The folder's official config.json must describe ``config.dit``."""
-    found = WanModel.config_from_json(_read_json(folder / DIT_CONFIG_FILE))
+    found = WanModel.config_from_json(_read_student_json(folder / DIT_CONFIG_FILE))
     if found != config.dit:
         diffs = ", ".join(f"{k}: expected {v!r}, found {getattr(found, k)!r}"
                           for k, v in asdict(config.dit).items() if getattr(found, k) != v)
@@ -84,7 +81,7 @@ def save_student(folder: str | Path, model: CausalWanModel, config: StudentConfi
 def read_student_config(folder: str | Path) -> StudentConfig:
     """The StudentConfig of a student folder (``wan_distill_student.json``)."""
     path = Path(folder) / STUDENT_CONFIG_FILE
-    return student_config_from_dict(_read_json(path), str(path))
+    return student_config_from_dict(_read_student_json(path), str(path))
 
 
 def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32,

@@ -40,6 +40,7 @@ from teacher.tokenizer import load_tokenizer
 from teacher.vae import WanVAE
 from teacher.weight_files import (
     CheckpointError,
+    read_json_file,
     safetensors_keys,
     save_safetensors_atomic,
     weight_files_in,
@@ -80,18 +81,10 @@ def detect_layout(checkpoint_dir: str | Path) -> str:
     )
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download it") from None
-
 
 def _official_dit_config(folder: Path, expected) -> None:
     """Check an expert's config.json against the configuration the teacher is built with."""
-    found = WanModel.config_from_json(_read_json(folder / DIT_CONFIG_FILE))
+    found = WanModel.config_from_json(read_json_file(folder / DIT_CONFIG_FILE))
     if found != expected:
         diffs = {k: (v, getattr(found, k)) for k, v in asdict(expected).items()
                  if getattr(found, k) != v}
@@ -159,7 +152,7 @@ def load_teacher(
     layout = detect_layout(root)
     t5_dtype = text_encoder_dtype or dtype
     if layout == "official":
-        config = (teacher_config_from_dict(_read_json(root / CONFIG_FILE), str(root / CONFIG_FILE))
+        config = (teacher_config_from_dict(read_json_file(root / CONFIG_FILE), str(root / CONFIG_FILE))
                   if (root / CONFIG_FILE).is_file() else A14B)
         loaded = []
         for sub in (config.expert_high_dir, config.expert_low_dir) if experts else ():
@@ -176,10 +169,10 @@ def load_teacher(
         materialize(text_encoder, [_must_exist(root / config.t5_checkpoint)], dtype=t5_dtype)
         tokenizer = load_tokenizer(_must_exist(root / config.tokenizer_dir))
     else:
-        index = _read_json(root / "model_index.json")
-        dit_cfg = dit_config_from_diffusers(_read_json(root / "transformer" / DIT_CONFIG_FILE))
-        vae_cfg = vae_config_from_diffusers(_read_json(root / "vae" / DIT_CONFIG_FILE))
-        t5_cfg = t5_config_from_transformers(_read_json(root / "text_encoder" / DIT_CONFIG_FILE))
+        index = read_json_file(root / "model_index.json")
+        dit_cfg = dit_config_from_diffusers(read_json_file(root / "transformer" / DIT_CONFIG_FILE))
+        vae_cfg = vae_config_from_diffusers(read_json_file(root / "vae" / DIT_CONFIG_FILE))
+        t5_cfg = t5_config_from_transformers(read_json_file(root / "text_encoder" / DIT_CONFIG_FILE))
         boundary = index.get("boundary_ratio")
         if boundary is None:
             raise CheckpointError(

@@ -106,6 +106,17 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     raise CheckpointError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors or .pth")
 
 
+def read_json_file(path: str | os.PathLike, what: str = "checkpoint folder") -> dict:
+    """A JSON file of a checkpoint folder, or a CheckpointError naming the path and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the {what} is incomplete")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or rewrite it") from None
+
+
 def safetensors_keys(paths) -> set[str]:
     """The tensor names stored in safetensors files (headers only; no tensor is read)."""
     keys: set[str] = set()

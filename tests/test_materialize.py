@@ -1,6 +1,5 @@
 """Reading weight files into meta-built modules: layouts, dtypes, and the errors users see."""
 
-import json
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 
 from teacher.materialize import materialize
 from teacher.weight_files import CheckpointError, weight_files_in
+from tests.tiny_teacher import write_sharded
 
 
 class Toy(nn.Module):
@@ -26,18 +26,6 @@ def reference_state(seed=0):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def write_sharded(folder, state, shards=2):
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i::shards]}
-        save_file(part, folder / name)
-        weight_map.update({k: name for k in part})
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
-
 
 def meta_toy():
     with torch.device("meta"):
@@ -46,6 +34,7 @@ def meta_toy():
 
 def test_sharded_safetensors_fill_a_meta_module_exactly(tmp_path):
     state = reference_state()
+    (tmp_path / "m").mkdir()
     write_sharded(tmp_path / "m", state)
     files = weight_files_in(tmp_path / "m")
     assert len(files) == 2
@@ -102,6 +91,7 @@ def test_wrong_shape_names_expected_and_found(tmp_path):
 
 
 def test_missing_shard_and_bad_index(tmp_path):
+    (tmp_path / "m").mkdir()
     write_sharded(tmp_path / "m", reference_state())
     next((tmp_path / "m").glob("*00002-of-00002.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="names shard\\(s\\) that are missing"):
