@@ -249,6 +249,8 @@ def _quiet_lightning() -> None:
     # The EMA target network is registered (checkpointed) and deliberately in eval mode.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Checkpoints are meant to hold the state AFTER the step (resume continues from there).
+    warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
 
 
 def distill_main(config: str | os.PathLike | DistillConfig | None = None,

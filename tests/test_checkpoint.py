@@ -119,3 +119,14 @@ def test_parts_only_load_skips_the_experts(tiny, tmp_path):
     assert parts.expert_high is None and parts.expert_low is None
     assert_same_state(models.vae, parts.vae)
     assert_same_state(models.text_encoder, parts.text_encoder)
+
+
+def test_vae_stride_must_match_the_vae():
+    from teacher.config import SHAPES, TeacherConfig, VAEConfig
+
+    four_x = VAEConfig(dim=8, dim_mult=(1, 2, 4), temperal_downsample=(True, True))
+    assert TeacherConfig(name="ok", vae=four_x, vae_stride=(4, 4, 4)).vae_stride == (4, 4, 4)
+    with pytest.raises(ValueError, match=r"set vae_stride=\(4, 4, 4\)"):
+        TeacherConfig(name="bad", vae=four_x)  # the default (4, 8, 8) is the A14B's
+    with pytest.raises(ValueError, match="vae_stride"):
+        replace(SHAPES, vae_stride=(4, 16, 16))

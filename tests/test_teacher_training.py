@@ -103,6 +103,17 @@ def test_foreground_weights_cover_the_object_and_its_dilated_ring():
     assert bool(heavy[0, 0, 0, 2:14, 2:14].all()) and float(w[0, 0, 0, 0, 0]) == 1.0
 
 
+def test_boundary_weight_marks_the_band_around_the_outline():
+    w = foreground_weights(_square_clip(), foreground_weight=0.0, dilation=1, boundary_weight=5.0)
+    frame = w[0, 0, 0]
+    band = frame == 6.0
+    # The outline band of an 8x8 square (rows/cols 4..11) grown and shrunk by 1 px: the 10x10
+    # square minus the 6x6 interior, i.e. 100 - 36 pixels; elsewhere the weight stays 1.
+    assert int(band.sum()) == 100 - 36
+    assert bool(band[3, 3:13].all()) and not bool(band[5:11, 5:11].any())
+    assert bool((frame[~band] == 1.0).all())
+
+
 def test_weighted_and_edge_losses_against_direct_sums():
     target = _square_clip()
     output = target.clone()

@@ -47,6 +47,8 @@ class VAEStageConfig:
     # black background: a plain L1 is minimised by an all-black output (DESIGN.md).
     foreground_weight: float = 20.0
     foreground_dilation: int = 2
+    # Extra weight on the band within foreground_dilation px of the outline (inside and out).
+    boundary_weight: float = 0.0
     # L1 between spatial finite differences of output and target: keeps edges and corners,
     # which the oracle's fill ratio (shape) depends on.
     edge_weight: float = 1.0

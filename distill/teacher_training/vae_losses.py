@@ -15,19 +15,25 @@ import torch.nn.functional as F
 FOREGROUND_LEVEL = -0.9
 
 
-def foreground_weights(target: torch.Tensor, foreground_weight: float, dilation: int) -> torch.Tensor:
-    """Per-pixel weights [B, 1, T, H, W]: 1 on background, 1 + foreground_weight on the object.
+def foreground_weights(target: torch.Tensor, foreground_weight: float, dilation: int,
+                       boundary_weight: float = 0.0) -> torch.Tensor:
+    """Per-pixel weights [B, 1, T, H, W] from the object mask of ``target``.
 
-    The object mask is dilated by ``dilation`` pixels so the ring just outside the object, where
-    a blurry decoder leaves a halo that rounds corners, is weighted like the object itself.
+    1 on background, + foreground_weight on the object dilated by ``dilation`` pixels (the ring
+    just outside the object is where a blurry decoder leaves a halo that rounds corners), and
+    + boundary_weight on the band within ``dilation`` pixels of the outline, inside or outside:
+    the outline is what the oracle's fill ratio (shape) measures, while the flat interior is easy.
     """
     if target.ndim != 5 or target.shape[1] != 3:
         raise ValueError(f"target must be video [B, 3, T, H, W], got shape {list(target.shape)}")
     mask = (target.amax(dim=1, keepdim=True) > FOREGROUND_LEVEL).to(target.dtype)
-    if dilation > 0:
-        k = 2 * dilation + 1
-        mask = F.max_pool3d(mask, kernel_size=(1, k, k), stride=1, padding=(0, dilation, dilation))
-    return 1.0 + foreground_weight * mask
+    if dilation <= 0:
+        return 1.0 + foreground_weight * mask
+    k = 2 * dilation + 1
+    grow = lambda m: F.max_pool3d(m, kernel_size=(1, k, k), stride=1, padding=(0, dilation, dilation))  # noqa: E731
+    dilated = grow(mask)
+    eroded = 1.0 - grow(1.0 - mask)
+    return 1.0 + foreground_weight * dilated + boundary_weight * (dilated - eroded)
 
 
 def weighted_l1(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

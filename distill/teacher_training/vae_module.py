@@ -127,7 +127,8 @@ class VAETrainingModule(L.LightningModule):
         mu, log_var = self.vae.encode_moments(target)
         z = mu + self.stage.posterior_noise * torch.randn_like(mu) * (0.5 * log_var).exp()
         output = self.vae.decode(z, clamp=False)
-        weights = foreground_weights(target, s.foreground_weight, s.foreground_dilation)
+        weights = foreground_weights(target, s.foreground_weight, s.foreground_dilation,
+                                     s.boundary_weight)
         terms = {
             "l1": weighted_l1(output, target, weights),
             "edge": edge_l1(output, target, weights),
