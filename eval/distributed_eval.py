@@ -64,13 +64,16 @@ class SystemSpec:
 
     kind: "teacher" or "student". steps: sampler steps (teacher) or steps per chunk (student);
     None takes the model's default. solver: teacher only, "unipc" or "euler" (None: default).
-    name: report name (default e.g. ``teacher-euler-4``, ``student-2step``).
+    guidance: student only, the guidance scale it is given (None: its default); a guidance
+    sweep is several student systems that differ only here.
+    name: report name (default e.g. ``teacher-euler-4``, ``student-2step``, ``student-4step-g2``).
     """
 
     kind: str
     steps: int | None = None
     solver: str | None = None
     name: str | None = None
+    guidance: float | None = None
 
 
 DEFAULT_SYSTEMS: tuple[SystemSpec, ...] = (
@@ -379,7 +382,8 @@ def system_name(spec: SystemSpec, teacher_models: TeacherModels, student_config)
         return f"teacher-{spec.solver or s.solver}-{spec.steps or s.steps}"
     if spec.steps is None and student_config is None:  # a student that was not loaded
         return "student-default"
-    return f"student-{spec.steps if spec.steps is not None else student_config.steps}step"
+    name = f"student-{spec.steps if spec.steps is not None else student_config.steps}step"
+    return name if spec.guidance is None else f"{name}-g{spec.guidance:g}"
 
 
 class EvalModule(L.LightningModule):
@@ -456,7 +460,8 @@ class EvalModule(L.LightningModule):
             if self._models.student is None:
                 raise ValueError(f"system {name} needs a student but none was loaded")
             return StudentSystem(self._models.student, self._models.student_config,
-                                 self._models.teacher, spec.steps, name=name, **self._size())
+                                 self._models.teacher, spec.steps, guidance=spec.guidance,
+                                 name=name, **self._size())
         raise ValueError(f"system kind {spec.kind!r} must be 'teacher' or 'student'")
 
     def _size(self) -> dict:

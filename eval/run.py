@@ -125,6 +125,9 @@ def check_config(config: EvalConfig) -> None:
         if spec.kind == "student" and spec.solver is not None:
             raise ValueError(f"systems: a student has no solver choice (got solver="
                              f"{spec.solver!r}); remove it")
+        if spec.kind == "teacher" and spec.guidance is not None:
+            raise ValueError(f"systems: guidance={spec.guidance} is a student setting (the "
+                             f"teacher uses its per-expert defaults); remove it")
         if spec.steps is not None and spec.steps < 1:
             raise ValueError(f"systems: steps={spec.steps} must be >= 1")
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.distributed_eval import EvalConfig, MetricNetworks, OracleCounts, VideoFeatures
+from eval.distributed_eval import (EvalConfig, MetricNetworks, OracleCounts, SystemSpec,
+                                   VideoFeatures, system_name)
 from eval.latency import rotation, side_by_side, summarize
 from eval.oracle import accuracy
 from eval.report import (
@@ -261,6 +262,17 @@ def test_shapes_yaml_is_the_default_and_a14b_yaml_is_valid():
         load_config(None, ["no_such_key=1"])
     with pytest.raises(ValueError, match="world"):
         check_config(replace(EvalConfig(), world="mars"))
+
+
+def test_guidance_sweep_yaml_names_each_student_and_teachers_refuse_guidance():
+    sweep = load_config(REPO / "configs" / "eval" / "shapes-guidance.yaml")
+    check_config(sweep)
+    assert [s.guidance for s in sweep.systems][:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    names = [system_name(s, None, None) for s in sweep.systems]
+    assert names[:2] == ["student-4step-g1", "student-4step-g2"] and len(set(names)) == len(names)
+    assert system_name(SystemSpec("student", steps=2), None, None) == "student-2step"
+    with pytest.raises(ValueError, match="guidance=2.0 is a student setting"):
+        check_config(replace(EvalConfig(), systems=[SystemSpec("teacher", guidance=2.0)]))
 
 
 def test_cli_flags_become_config_overrides():
