@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from teacher.pipeline import GenerationRequest, generate, resolve_request, validate_request
     from teacher.video_io import write_mp4
 
-    from distill.paths import embedded_teacher_dir
+    from student.paths import embedded_teacher_dir
 
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else embedded_teacher_dir()
     if args.checkpoint_dir is None and not ckpt.is_dir():
@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _student_and_teacher_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    from distill.paths import default_student_dir, embedded_teacher_dir
+    from student.paths import default_student_dir, embedded_teacher_dir
 
     student = Path(args.student) if args.student else default_student_dir("shapes")
     teacher = Path(args.teacher_dir) if args.teacher_dir else embedded_teacher_dir()

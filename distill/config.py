@@ -78,7 +78,7 @@ class ConsistencyConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """Where the latents come from; encoded once into ``cache_dir`` (default: a folder under
-    ``distill.paths.default_latent_cache_dir()`` named by the source and the teacher)."""
+    ``student.paths.default_latent_cache_dir()`` named by the source and the teacher)."""
 
     source: LatentSource = field(default_factory=LatentSource)
     cache_dir: str | None = None
@@ -118,8 +118,8 @@ class DistillConfig:
     student: student preset name (``student.config.STUDENT_PRESETS``).
     student_init: a WanModel folder to initialise the student from (e.g. Wan2.1-T2V-1.3B); None =
         the adapted low-noise expert (the student then has the experts' shape).
-    output_dir: where the student is exported; None = ``distill.paths.default_student_dir``.
-    run_dir: checkpoints and the adapted causal teacher; None = ``distill.paths.default_run_dir``.
+    output_dir: where the student is exported; None = ``student.paths.default_student_dir``.
+    run_dir: checkpoints and the adapted causal teacher; None = ``student.paths.default_run_dir``.
     resume: continue a run found in run_dir (same teacher and settings) from its last checkpoint.
     """
 

@@ -3,7 +3,7 @@
 ``distill_main()`` with no arguments runs the shapes recipe (``configs/distill/shapes.yaml``, whose
 values are also ``DistillConfig``'s defaults, so the job runs without the configs folder) on the
 embedded teacher and writes the student where ``wan-distill stream`` / ``eval`` look by default
-(``distill.paths.default_student_dir``). Every stage is resumable: the latent cache is complete
+(``student.paths.default_student_dir``). Every stage is resumable: the latent cache is complete
 once its manifest exists, stage A once the causal teacher's json exists, and both training stages
 restart from their last checkpoint when the run folder belongs to the same teacher and settings.
 
@@ -52,7 +52,7 @@ from distill.data.latents import (  # noqa: E402
 )
 from distill.export import export_student  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
-from distill.paths import (  # noqa: E402
+from student.paths import (  # noqa: E402
     default_latent_cache_dir,
     default_run_dir,
     default_student_dir,

@@ -132,7 +132,7 @@ class EvalConfig:
     world: "shapes" (prompts from ``eval.shapes_world.eval_prompts``, real videos rendered by the
         world, oracle accuracy) or "prompts" (a prompt file, a folder of real videos, no oracle).
     teacher_dir: the teacher folder (None: the embedded shapes teacher).
-    student_dir: the student folder (None: ``distill.paths.default_student_dir("shapes")``).
+    student_dir: the student folder (None: ``student.paths.default_student_dir("shapes")``).
     systems: what to evaluate; reference: the system the others are paired with (None: the
         first teacher system).
     num_prompts: N (shapes: >= 168 covers every factor combination in both languages; prompts

@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 
-from distill.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
+from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from eval.clip_score import load_clip_score  # noqa: E402
 from eval.distributed_eval import (  # noqa: E402
     WORLDS,
@@ -155,7 +155,7 @@ def resolve_teacher_dir(config: EvalConfig) -> Path:
 
 def resolve_student_dir(config: EvalConfig) -> Path | None:
     """The student folder to use: the configured one, else (shapes world) the default where
-    ``wan-distill distill`` exports it (``distill.paths.default_student_dir("shapes")``)."""
+    ``wan-distill distill`` exports it (``student.paths.default_student_dir("shapes")``)."""
     if config.student_dir:
         return Path(config.student_dir)
     return default_student_dir("shapes") if config.world == "shapes" else None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.config import DistillConfig
-from distill.paths import default_student_dir, wan_distill_home
+from student.paths import default_student_dir, wan_distill_home
 from distill.run import DEFAULT_RECIPE, distill_main, load_config
 from student.checkpoint import load_student
 from student.config import STUDENT_PRESETS, StudentConfig

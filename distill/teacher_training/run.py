@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from distill.paths import embedded_teacher_dir, wan_distill_home
+from student.paths import embedded_teacher_dir, wan_distill_home
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
