@@ -122,16 +122,19 @@ A14B = TeacherConfig(name="a14b")
 # object 3-4 latent pixels, and a VAE trained for minutes on a CPU then returns blobs whose fill
 # ratio no longer tells a triangle from a circle (measured: 83% shape accuracy on its own
 # reconstructions after 1,200 steps). The DiT's 4x4 patches keep the token grid the 8x VAE with 2x2
-# patches would give (4x4 tokens per latent frame), so the experts cost the same.
+# patches would give (4x4 tokens per latent frame), so the experts cost the same. z_dim is 4 so a
+# patch (4 x 4 x 4 = 64 values) fits the experts' 128-wide tokens: with 16 channels a patch held
+# 256 values, more than the residual stream can carry, and flow matching stalled (loss ~0.8 after
+# 4,000 steps; samples got the colour right and nothing else).
 SHAPES = TeacherConfig(
     name="shapes",
     t5=T5Config(vocab_size=259, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2,
                 num_buckets=32),
-    vae=VAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 4), num_res_blocks=1,
+    vae=VAEConfig(dim=8, z_dim=4, dim_mult=(1, 2, 4), num_res_blocks=1,
                   temperal_downsample=(True, True)),
     vae_stride=(4, 4, 4),
-    dit=DiTConfig(dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, in_dim=16,
-                  out_dim=16, text_len=64, text_dim=64, patch_size=(1, 4, 4)),
+    dit=DiTConfig(dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, in_dim=4,
+                  out_dim=4, text_len=64, text_dim=64, patch_size=(1, 4, 4)),
     sampling=SamplingConfig(steps=40, shift=3.0, frames=17, fps=8, width=64, height=64,
                             negative_prompt=""),
     t5_checkpoint="text_encoder.safetensors",

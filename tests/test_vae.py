@@ -6,7 +6,7 @@ WanVAE by the project's converter. CPU, fp32, tiny widths.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -273,6 +273,9 @@ def test_embedded_size_config():
     expected = (mu - torch.tensor(mean).view(1, 4, 1, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1, 1)
     assert max_abs(scaled.encode(clip), expected) <= 1e-6
     assert max_abs(scaled.decode(expected), vae.decode(mu)) <= 1e-5
-    # The shipped shapes preset builds and uses the official 16-channel statistics.
+    # The 16-channel A14B VAE defaults to the official statistics; the 4-channel shapes preset
+    # to the identity (its trained weights carry their own statistics).
+    a14b = WanVAE(**asdict(replace(A14B.vae, dim=8)))  # narrow: only the statistics matter
+    assert a14b.latents_mean is not None and len(a14b.latents_std) == 16
     shapes = WanVAE(**asdict(SHAPES.vae))
-    assert shapes.latents_mean is not None and len(shapes.latents_std) == 16
+    assert shapes.z_dim == 4 and shapes.latents_mean is None and shapes.latents_std is None
