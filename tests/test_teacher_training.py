@@ -164,6 +164,15 @@ def test_config_errors_name_the_key():
         load_training_config({"flow": {"stepz": 3}})
     with pytest.raises(ValueError, match="frames=4 must be 1 \\+ 4k"):
         load_training_config({"vae": {"phases": [{"steps": 1, "frames": 4, "batch_size": 1}]}})
+    with pytest.raises(ValueError, match="grad_clip=-1.0 must be >= 0"):
+        load_training_config({"flow": {"grad_clip": -1.0}})
+
+
+def test_flow_grad_clip_reaches_the_trainer(tmp_path):
+    from distill.teacher_training.run import _trainer
+
+    assert _trainer(tmp_path, 1, 1, False, grad_clip=0.5).gradient_clip_val == 0.5
+    assert _trainer(tmp_path, 1, 1, False, grad_clip=0.0).gradient_clip_val is None
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -99,7 +99,7 @@ def _check_run_folder(work: Path, config: TeacherTrainingConfig, seed: int,
 
 
 def _trainer(stage_dir: Path, max_steps: int, checkpoint_every: int, progress: bool,
-             callbacks: list | None = None) -> L.Trainer:
+             callbacks: list | None = None, grad_clip: float = 0.0) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=checkpoint_every)
     return L.Trainer(
@@ -107,6 +107,7 @@ def _trainer(stage_dir: Path, max_steps: int, checkpoint_every: int, progress: b
         default_root_dir=stage_dir, logger=CSVLogger(stage_dir, name="logs"),
         callbacks=[checkpoint, *(callbacks or [])], limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=25,
+        gradient_clip_val=grad_clip or None,
     )
 
 
@@ -195,7 +196,8 @@ def run_flow_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: 
     empty_ids, empty_mask = tokenize_captions(tokenizer, [""], text_len)
     module = FlowTeacherModule(teacher, s, empty_ids[0], empty_mask[0])
     ema = EMAWeightAveraging(decay=s.ema_decay, update_starting_at_step=s.ema_start_step)
-    trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress, callbacks=[ema])
+    trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress, callbacks=[ema],
+                       grad_clip=s.grad_clip)
     trainer.fit(module, LatentDataModule(dataset, s.batch_size, seed), ckpt_path=_resume_path(stage_dir))
     # The averaged weights, taken the way the callback writes them into a checkpoint: fit copies
     # them into the module only when its loop runs, not when it resumes at max_steps.

@@ -91,9 +91,15 @@ class FlowStageConfig:
     high_fraction: float = 0.3
     # Training sigmas are shift(u) with u uniform over each expert's range; 1.0 = uniform sigma.
     train_shift: float = 1.0
+    # Gradient-norm clip (0 = none): a guard for the high learning rates a short CPU budget wants.
+    grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_start_step: int = 100
     checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.grad_clip < 0:
+            raise ValueError(f"flow grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
 
 
 @dataclass(frozen=True)
