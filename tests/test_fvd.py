@@ -17,6 +17,7 @@ from eval.fvd import (
     FeatureStats,
     feature_statistics,
     frechet_distance,
+    frechet_distance_of_samples,
     fvd,
     fvd_from_stats,
     preprocess_videos,
@@ -187,6 +188,17 @@ def test_fvd_is_invariant_to_sample_order():
     assert (base.n_real, base.n_fake, base.ci_low, base.ci_high) == (64, 48, None, None)
 
 
+@pytest.mark.parametrize("n_real, n_fake, dim", [(12, 9, 40), (30, 25, 8), (7, 60, 20)])
+def test_distance_of_samples_equals_the_covariance_route(n_real, n_fake, dim):
+    # The small-N (Gram) route below N = D, the covariance route above it, one mixed case.
+    real, fake = _features(21, n_real, dim), _features(22, n_fake, dim, shift=0.3, scale=1.4)
+    expected = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    # rel 1e-8: below N = D the covariance route takes square roots of round-off eigenvalues
+    # (~1e-15 -> ~3e-8 each), the Gram route never forms them.
+    assert frechet_distance_of_samples(real, fake) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance_of_samples(real, real) == pytest.approx(0.0, abs=1e-8)
+
+
 def test_bootstrap_interval_contains_value_and_is_seeded():
     real, fake = _features(14, 60, 4), _features(15, 50, 4, shift=0.5, scale=1.3)
     result = fvd(real, fake, bootstrap=64, seed=3)
@@ -198,6 +210,9 @@ def test_bootstrap_interval_contains_value_and_is_seeded():
     other = fvd(real, fake, bootstrap=64, seed=4)
     assert (other.ci_low, other.ci_high) != (result.ci_low, result.ci_high)
     assert result.to_dict()["n_bootstrap"] == 64
+    calls = []
+    reported = fvd(real, fake, bootstrap=64, seed=3, on_resample=lambda: calls.append(1))
+    assert len(calls) == 64 and (reported.ci_low, reported.ci_high) == (result.ci_low, result.ci_high)
 
 
 def test_fvd_rejects_bad_input():
