@@ -186,7 +186,9 @@ def _num(value, digits: int = 3) -> str:
         return str(value)
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    # Fixed decimals up to 1e5 (an FVD of 1019.3 stays 1019.3); scientific beyond, where the
+    # decimals stop meaning anything.
+    return f"{value:.4g}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
 
 
 def _timing_cell(t: dict | None) -> str:

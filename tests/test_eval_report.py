@@ -357,3 +357,12 @@ def test_missing_student_still_evaluates_the_teacher(tiny_folders, tmp_path, cap
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "student-1step not evaluated" in markdown
     assert "fvd: unavailable: I3D weights not found (test)" in markdown
+
+
+def test_numbers_keep_their_decimals_below_1e5():
+    from eval.report import _num
+
+    assert _num(1019.34, 1) == "1019.3"   # an FVD above 1000 (printed "1e+03" before)
+    assert _num(0.98912) == "0.989"
+    assert _num(123456.0, 1) == "1.235e+05"
+    assert _num(float("inf")) == "inf"
