@@ -528,7 +528,11 @@ def test_http_routes_metrics_and_origin_check():
 
 
 def test_serve_main_prints_the_url_and_stops_cleanly_on_ctrl_c():
-    script = ("from student.server import serve_main\n"
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored; restore the interactive default so the test sees what a terminal's Ctrl-C does
+    # however the suite was launched (it hung for 120 s under `nohup bash .ci/run &`).
+    script = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "from student.server import serve_main\n"
               "from tests.stream_fakes import FakeEngine\n"
               "serve_main(FakeEngine, host='127.0.0.1', port=0, record_dir=None, max_sessions=2)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -543,9 +547,7 @@ def test_serve_main_prints_the_url_and_stops_cleanly_on_ctrl_c():
         status, _, body = asyncio.run(http_get(url + "healthz"))
         assert status == 200 and json.loads(body) == {"ok": True, "sessions": 0}
         proc.send_signal(signal.SIGINT)
-        # Generous: a clean stop takes ~0.3 s of CPU, but a niced run on a busy machine (CI
-        # beside a training job) measured over 30 s of wall time.
-        rest, _ = proc.communicate(timeout=120)
+        rest, _ = proc.communicate(timeout=60)  # a clean stop takes ~0.3 s
     finally:
         if proc.poll() is None:
             proc.kill()
