@@ -168,6 +168,13 @@ def test_config_errors_name_the_key():
         load_training_config({"flow": {"grad_clip": -1.0}})
 
 
+def test_shipped_recipe_equals_the_config_defaults():
+    from distill.teacher_training.run import DEFAULT_CONFIG
+    from distill.teacher_training.settings import TeacherTrainingConfig
+
+    assert load_training_config(DEFAULT_CONFIG) == TeacherTrainingConfig()
+
+
 def test_flow_grad_clip_reaches_the_trainer(tmp_path):
     from distill.teacher_training.run import _trainer
 
