@@ -11,7 +11,8 @@ zero: a fresh student computes exactly what its initialising expert computes.
 
 Three ways to run the same network:
 
-- ``forward``: the whole clip at once, chunk c attending to chunks <= c (SDPA boolean mask).
+- ``forward``: the whole clip at once, chunk c attending to chunks <= c (a dense mask with SDPA,
+  or a flex-attention BlockMask on CUDA: ``student.attention_masks``).
 - ``forward_teacher_forcing``: training layout [clean chunks | noisy chunks]; noisy chunk c
   attends to clean chunks < c and to itself, clean chunks run at t = 0.
 - ``new_cache`` / ``forward_chunk`` / ``append_chunk`` / ``recache``: streaming, one chunk at a
@@ -34,6 +35,15 @@ from torch import nn
 from teacher.dit import WanModel, WeightDtypeLinear, grouped, is_fp32_island, sinusoidal_embedding
 from teacher.rope import apply_rope
 from teacher.weight_files import CheckpointError
+from student.attention_masks import (  # noqa: F401  (the mask builders are part of this API)
+    AttentionBackend,
+    MaskKind,
+    block_causal_mask,
+    dense_mask,
+    flex_block_mask,
+    resolve_backend,
+    teacher_forcing_mask,
+)
 from student.config import StudentConfig
 from student.kv_cache import KVCache
 
@@ -57,29 +67,6 @@ def is_student_fp32_island(name: str) -> bool:
 def _fp32_region(device: torch.device) -> AbstractContextManager:
     """Disable autocast: the conditioning path is fp32 by the official precision policy."""
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def block_causal_mask(n_chunks: int, tokens_per_chunk: int, device: torch.device | str) -> torch.Tensor:
-    """bool [L, L] (True = attend), L = n_chunks * tokens_per_chunk: chunk c sees chunks <= c."""
-    chunk = torch.arange(n_chunks * tokens_per_chunk, device=device) // tokens_per_chunk
-    return chunk[None, :] <= chunk[:, None]
-
-
-def teacher_forcing_mask(n_chunks: int, tokens_per_chunk: int,
-                         device: torch.device | str) -> torch.Tensor:
-    """bool [2L, 2L] for the sequence [clean chunks | noisy chunks].
-
-    Clean chunk c attends to clean chunks <= c; noisy chunk c attends to clean chunks < c and to
-    noisy chunk c (never to other noisy chunks).
-    """
-    chunk = torch.arange(n_chunks * tokens_per_chunk, device=device) // tokens_per_chunk
-    q, k = chunk[:, None], chunk[None, :]
-    clean_clean = k <= q
-    noisy_clean = k < q
-    noisy_noisy = k == q
-    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
-    return torch.cat([top, bottom], dim=0)
 
 
 class CausalWanModel(WanModel):
@@ -112,6 +99,10 @@ class CausalWanModel(WanModel):
         )
         self.init_guidance_embedding()
         self._memo: OrderedDict[Hashable, object] = OrderedDict()
+        # Masks of the full-sequence training paths: "auto" = flex BlockMasks on CUDA, dense
+        # bool masks with SDPA elsewhere (student.attention_masks). Not a config field: it
+        # changes no number beyond rounding, only speed and memory.
+        self.attention_backend: AttentionBackend = "auto"
 
     @classmethod
     def from_config(cls, config: StudentConfig) -> CausalWanModel:
@@ -274,10 +265,20 @@ class CausalWanModel(WanModel):
         return self._memoised(("rope", grid, frame_start, device),
                               lambda: self.rope.cos_sin(grid, frame_start, device))
 
-    def _mask(self, kind: str, n_chunks: int, tokens_per_chunk: int, device: torch.device):
-        build = block_causal_mask if kind == "causal" else teacher_forcing_mask
+    def _mask(self, kind: MaskKind, n_chunks: int, tokens_per_chunk: int, device: torch.device,
+              *, allow_flex: bool = True):
+        """The self-attention mask of a full-sequence path (memoised per shape and device).
+
+        ``allow_flex=False`` keeps a dense mask whatever the backend: ``recache`` runs a few
+        small, varying shapes, where compiling a flex kernel per shape would cost a live
+        stream more than the dense mask ever does.
+        """
+        backend = resolve_backend(self.attention_backend, torch.device(device))
+        if backend == "flex" and allow_flex:
+            return self._memoised(("flex", kind, n_chunks, tokens_per_chunk, device),
+                                  lambda: flex_block_mask(kind, n_chunks, tokens_per_chunk, device))
         return self._memoised((kind, n_chunks, tokens_per_chunk, device),
-                              lambda: build(n_chunks, tokens_per_chunk, device))
+                              lambda: dense_mask(kind, n_chunks, tokens_per_chunk, device))
 
     # ----- full-sequence paths (training) ---------------------------------------------------------
 
@@ -525,7 +526,8 @@ class CausalWanModel(WanModel):
         e, e0 = self.conditioning(cache.chunk_t, g)
         rope = self._rope(grid, 0, x.device)
         mask = (None if n_chunks == 1 else
-                self._mask("causal", n_chunks, tokens.shape[1] // n_chunks, x.device))
+                self._mask("causal", n_chunks, tokens.shape[1] // n_chunks, x.device,
+                           allow_flex=False))
         new_kv = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

@@ -31,6 +31,7 @@ from dataclasses import asdict, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from teacher.config import DiTConfig
 from teacher.rope import WanRope3D, apply_rope
@@ -43,6 +44,18 @@ _CONFIG_JSON_REQUIRED = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers"
 
 # Parameter-name prefixes of the official fp32 islands (reference §5, precision map).
 FP32_ISLAND_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+
+_COMPILED_FLEX: list = []
+
+
+def _flex_attention(on_cuda: bool):
+    """flex_attention, compiled once on CUDA (eager flex materialises the scores; it is used on
+    the CPU only by tests that check the BlockMask path against the dense one)."""
+    if not on_cuda:
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
 
 
 def is_fp32_island(name: str) -> bool:
@@ -183,22 +196,24 @@ class WanSelfAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         """Scaled dot-product attention; q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, dim].
 
         ``attn_mask``: bool, True = may attend, broadcastable to [B, H, Lq, Lk] (SDPA's
-        convention); None attends everywhere (the teacher). Runs in v's dtype: the official
-        flash-attention path casts q/k (fp32 after RoPE) to the half dtype the same way.
+        convention); or a flex-attention ``BlockMask`` (the causal student's long training
+        sequences on CUDA); None attends everywhere (the teacher). Runs in v's dtype: the
+        official flash-attention path casts q/k (fp32 after RoPE) to the half dtype the same way.
         Softmax scale 1/sqrt(head_dim) (the SDPA default, as officially).
         """
+        dtype = v.dtype
+        q, k, v = q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2)
+        if isinstance(attn_mask, BlockMask):
+            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask)
+            return out.transpose(1, 2).flatten(2)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             raise TypeError(f"attn_mask must be bool (True = attend), got {attn_mask.dtype}")
-        dtype = v.dtype
-        out = F.scaled_dot_product_attention(
-            q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2),
-            attn_mask=attn_mask,
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return out.transpose(1, 2).flatten(2)
 
     def forward(
