@@ -24,6 +24,7 @@ self-attention and conditioning ``e0`` of shape ``[B, S, 6, dim]`` with one row 
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import AbstractContextManager
 from dataclasses import asdict, fields
@@ -45,17 +46,15 @@ _CONFIG_JSON_REQUIRED = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers"
 # Parameter-name prefixes of the official fp32 islands (reference §5, precision map).
 FP32_ISLAND_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 
-_COMPILED_FLEX: list = []
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention(on_cuda: bool):
     """flex_attention, compiled once on CUDA (eager flex materialises the scores; it is used on
     the CPU only by tests that check the BlockMask path against the dense one)."""
-    if not on_cuda:
-        return flex_attention
-    if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED_FLEX[0]
+    return _compiled_flex_attention() if on_cuda else flex_attention
 
 
 def is_fp32_island(name: str) -> bool:
