@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,12 @@ def randomise_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -108,7 +115,7 @@ def recipe_step(backend: str, steps: int) -> dict:
     from student.causal_dit import CausalWanModel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
     mesh = init_device_mesh(DEVICE, (1,))
     device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu")
