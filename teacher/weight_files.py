@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,31 +127,49 @@ def safetensors_keys(paths) -> set[str]:
     return keys
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file so that a crash never leaves a half-written file at ``path``."""
+# The process umask, read once at import (reading it means setting it): files written here get
+# the mode a plain open() would give them, not mkstemp's private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_destination(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; when the block succeeds it is renamed
+    onto ``path`` (readers never see a half-written file, an old file stays intact until then),
+    when it fails it is removed.
+
+    ``suffix`` is the temporary file's ending (a writer that picks its format from the name,
+    like imageio's, needs the real one). The result has mode 0666 minus the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        save_file(contiguous, tmp, metadata=metadata)
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file so that a crash never leaves a half-written file at ``path``."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_destination(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     """Write a small text file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_destination(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write a file's bytes atomically (temp file in the same folder, then rename)."""
+    with atomic_destination(path) as tmp:
+        tmp.write_bytes(data)
