@@ -85,7 +85,8 @@ def load_config(config_path: str | os.PathLike | None = None,
                 overrides: Sequence[str] = ()) -> DistillConfig:
     """A recipe (default: the shapes recipe) plus overrides -> ``DistillConfig``.
 
-    Overrides are ``key=value`` or ``--key=value`` with dotted keys (``stage_b.optim.lr=3e-4``).
+    Overrides are ``key=value``, ``--key=value`` or ``--key value`` with dotted keys
+    (``stage_b.optim.lr=3e-4``).
     """
     args: list[str] = []
     path = Path(config_path) if config_path is not None else DEFAULT_RECIPE
@@ -93,7 +94,8 @@ def load_config(config_path: str | os.PathLike | None = None,
         raise FileNotFoundError(f"recipe {path} does not exist; see configs/distill/ for examples")
     if path.is_file():
         args += ["--config", str(path)]
-    args += [o if o.startswith("--") else f"--{o}" for o in overrides]
+    # Bare "key=value" gets its dashes; anything else ("--key", a value after it) stays as is.
+    args += [f"--{o}" if not o.startswith("-") and "=" in o else o for o in overrides]
     parser = build_parser()
     namespace = parser.parse_args(args)
     built = parser.instantiate(namespace)

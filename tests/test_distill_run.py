@@ -42,6 +42,14 @@ def test_gpu_recipes_parse(name):
     assert cfg.trainer.devices * cfg.trainer.num_nodes == cfg.trainer.data_parallel_size
 
 
+def test_overrides_in_every_spelling():
+    # key=value, --key=value and --key value (the value as its own argument) all set the key.
+    cfg = load_config(None, ["stage_a.max_steps=7", "--stage_b.max_steps=9", "--seed", "3",
+                             "--stage_b.optim.lr", "3e-4"])
+    assert (cfg.stage_a.max_steps, cfg.stage_b.max_steps, cfg.seed) == (7, 9, 3)
+    assert cfg.stage_b.optim.lr == 3e-4
+
+
 def test_recipe_errors():
     with pytest.raises(SystemExit):  # jsonargparse names the unknown key and exits
         load_config(None, ["stage_b.max_stepz=3"])
