@@ -226,7 +226,7 @@ def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
         "student: one chunk's passes, guidance is embedded so there is no CFG pass; KV-cache "
         "appends are listed separately under forwards).",
         "Quality pass: every prompt once in every system, batched; prompt i uses noise seed "
-        f"noise_seed + i in every system (same initial noise), so videos pair across systems.",
+        "noise_seed + i in every system (same initial noise), so videos pair across systems.",
     ]
     if config.world == "shapes":
         lines.append("Oracle: eval.oracle recovers colour, shape and motion from each video; "

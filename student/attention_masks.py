@@ -7,8 +7,8 @@ Two layouts, both over chunks of ``tokens_per_chunk`` tokens:
   clean chunk c attends to clean chunks <= c; noisy chunk c to clean chunks < c and to itself.
 
 A dense bool mask costs L^2 bytes and, in SDPA, rules out the flash kernels: at 832x480 the
-teacher-forcing sequence of the 1.3B recipe is 2 x 21 x 1560 = 65,520 tokens, a 4.3 GB mask
-that SDPA widens to an 8.6 GB bf16 bias on every call. A flex-attention ``BlockMask`` describes
+teacher-forcing sequence of the 1.3B recipe is 2 x 21 x 1560 = 65,520 tokens, a 4.3 GB mask per
+network (measured: the recipe step took 2.7x longer and held 12 GiB more, BENCHMARKS.md). A flex-attention ``BlockMask`` describes
 the same pattern in (L/128)^2 block entries and skips the masked-out blocks entirely, so on CUDA
 the student uses it (``attention_backend="auto"``). Both forms come from the same chunk rule and
 a test checks them equal element by element.
@@ -24,6 +24,11 @@ MaskKind = Literal["causal", "teacher_forcing"]
 MASK_KINDS: tuple[str, ...] = ("causal", "teacher_forcing")
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {kind!r} must be one of {list(MASK_KINDS)}")
 
 
 def block_causal_mask(n_chunks: int, tokens_per_chunk: int, device: torch.device | str) -> torch.Tensor:
@@ -48,8 +53,7 @@ def teacher_forcing_mask(n_chunks: int, tokens_per_chunk: int,
 def mask_mod(kind: MaskKind, n_chunks: int, tokens_per_chunk: int):
     """The mask as a flex-attention ``mask_mod(b, h, q_idx, kv_idx) -> bool``: the same rule as
     ``block_causal_mask`` / ``teacher_forcing_mask``, written on token indices."""
-    if kind not in MASK_KINDS:
-        raise ValueError(f"mask kind {kind!r} must be one of {list(MASK_KINDS)}")
+    _check_kind(kind)
     n = n_chunks * tokens_per_chunk  # tokens of one half in the teacher-forcing layout
 
     def causal(b, h, q_idx, kv_idx):
@@ -69,8 +73,7 @@ def mask_mod(kind: MaskKind, n_chunks: int, tokens_per_chunk: int):
 def dense_mask(kind: MaskKind, n_chunks: int, tokens_per_chunk: int,
                device: torch.device | str) -> torch.Tensor:
     """The dense bool mask of ``kind``."""
-    if kind not in MASK_KINDS:
-        raise ValueError(f"mask kind {kind!r} must be one of {list(MASK_KINDS)}")
+    _check_kind(kind)
     build = block_causal_mask if kind == "causal" else teacher_forcing_mask
     return build(n_chunks, tokens_per_chunk, device)
 

@@ -35,14 +35,12 @@ from torch import nn
 from teacher.dit import WanModel, WeightDtypeLinear, grouped, is_fp32_island, sinusoidal_embedding
 from teacher.rope import apply_rope
 from teacher.weight_files import CheckpointError
-from student.attention_masks import (  # noqa: F401  (the mask builders are part of this API)
+from student.attention_masks import (
     AttentionBackend,
     MaskKind,
-    block_causal_mask,
     dense_mask,
     flex_block_mask,
     resolve_backend,
-    teacher_forcing_mask,
 )
 from student.config import StudentConfig
 from student.kv_cache import KVCache

@@ -46,6 +46,7 @@ _CONFIG_JSON_REQUIRED = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers"
 # Parameter-name prefixes of the official fp32 islands (reference §5, precision map).
 FP32_ISLAND_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 
+
 @functools.cache
 def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)

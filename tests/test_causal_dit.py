@@ -14,13 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from student.causal_dit import (
-    GUIDANCE_KEYS,
-    CausalWanModel,
-    block_causal_mask,
-    is_student_fp32_island,
-    teacher_forcing_mask,
-)
+from student.attention_masks import block_causal_mask, teacher_forcing_mask
+from student.causal_dit import GUIDANCE_KEYS, CausalWanModel, is_student_fp32_island
 from student.checkpoint import (
     load_student,
     save_student,
