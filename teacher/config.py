@@ -125,8 +125,8 @@ A14B = TeacherConfig(name="a14b")
 # patches would give (4x4 tokens per latent frame), so the experts cost the same. z_dim is 4 so a
 # patch (4 x 4 x 4 = 64 values) fits the experts' 128-wide tokens: with 16 channels a patch held
 # 256 values, more than the residual stream can carry, and flow matching stalled (loss ~0.8 after
-# 4,000 steps; joint accuracy 9.5%). With 4 channels the shipped teacher reaches 14%: shapes
-# improved, motion did not (the experts ignore the direction word; BENCHMARKS.md).
+# 4,000 steps; joint accuracy 9.5%). With 4 channels and a pretrained, frozen text encoder the
+# shipped teacher reaches 44.5% (motion 71%; squares come out round; BENCHMARKS.md).
 SHAPES = TeacherConfig(
     name="shapes",
     t5=T5Config(vocab_size=259, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2,

@@ -166,6 +166,10 @@ def test_config_errors_name_the_key():
         load_training_config({"vae": {"phases": [{"steps": 1, "frames": 4, "batch_size": 1}]}})
     with pytest.raises(ValueError, match="grad_clip=-1.0 must be >= 0"):
         load_training_config({"flow": {"grad_clip": -1.0}})
+    with pytest.raises(ValueError, match="text_lr=-0.1 must be >= 0"):
+        load_training_config({"flow": {"text_lr": -0.1}})
+    with pytest.raises(ValueError, match=r"\[text\].*unknown key.*'lrr'"):
+        load_training_config({"text": {"lrr": 1.0}})
 
 
 def test_shipped_recipe_equals_the_config_defaults():
@@ -190,6 +194,7 @@ TINY_RUN = {
                        {"steps": 1, "frames": 5, "batch_size": 1}],
             "val_clips": 2, "warmup_steps": 1},
     "latents": {"num_videos": 6, "batch_size": 3},
+    "text": {"steps": 2, "batch_size": 4},
     "flow": {"steps": 2, "batch_size": 3, "warmup_steps": 1, "ema_start_step": 0,
              "checkpoint_every": 1},
     "sampling": {"frames": 5, "width": 64, "height": 64},
@@ -221,12 +226,18 @@ def test_tiny_run_writes_a_loadable_teacher(tiny_run):
     assert models.config.vae.latents_mean == pytest.approx(stats["latents_mean"])
     assert models.config.vae.latents_std == pytest.approx(stats["latents_std"])
     assert models.config.sampling.frames == 5 and models.config.dit == TINY_ARCH.dit
-    assert set(summary["stage_s"]) == {"vae", "latents", "flow", "export"}
+    assert set(summary["stage_s"]) == {"vae", "latents", "text", "flow", "export"}
+    assert set(summary["text"]) == {"shape", "colour", "motion"}
     # The shipped experts are the EMA weights the flow stage saved.
     from safetensors.torch import load_file
     saved = load_file(str(root / "work" / "flow" / "expert_high.safetensors"))
     for key, value in models.expert_high.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    # The flow stage froze the pretrained text encoder (text_lr 0): shipped = stage 3's weights
+    # up to the rounding of the EMA (an AdamW step would move them by ~lr = 1e-3).
+    pretrained = load_file(str(root / "work" / "text" / "text_encoder.safetensors"))
+    for key, value in models.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, pretrained[key], rtol=0, atol=1e-6)
 
 
 def test_tiny_run_latents_round_trip_through_the_shipped_vae(tiny_run):

@@ -1,8 +1,8 @@
-"""Stage 3 of teacher training: text encoder + expert_high + expert_low by flow matching.
+"""Stage 4 of teacher training: expert_high + expert_low by flow matching.
 
-The text encoder has no pretrained weights in the shapes world, so it learns jointly with both
-experts through the flow-matching loss: its gradient comes from whichever expert each sample was
-routed to. A fraction of captions is replaced by the empty caption, which is what the sampler's
+The text encoder comes from stage 3 (``text_pretraining``) and stays frozen by default, as the
+real teacher's umT5 does; with ``text_lr`` > 0 it is fine-tuned jointly, its gradient coming
+from whichever expert each sample was routed to. A fraction of captions is replaced by the empty caption, which is what the sampler's
 unconditional pass (negative prompt "") feeds the experts, so classifier-free guidance works.
 """
 
@@ -29,7 +29,7 @@ from teacher.t5 import UMT5Encoder
 
 
 class FlowTeacherModule(L.LightningModule):
-    """Trains ``text_encoder``, ``expert_high`` and ``expert_low`` of a teacher from scratch.
+    """Trains ``expert_high`` and ``expert_low`` from scratch (and ``text_encoder`` if text_lr > 0).
 
     Batches (from ``CaptionedLatents``): x0 [B, z_dim, F, h, w] normalised latents, ids/mask
     [B, text_len] caption tokens. Per step the first round(B * high_fraction) samples go to
@@ -40,10 +40,11 @@ class FlowTeacherModule(L.LightningModule):
         config: the teacher's architecture and sampling defaults (boundary).
         stage: run knobs.
         empty_ids, empty_mask: [text_len] tokens of the empty caption (EOS alone).
+        text_encoder_state: the pretrained text encoder's weights; None starts it from scratch.
     """
 
     def __init__(self, config: TeacherConfig, stage: FlowStageConfig, empty_ids: torch.Tensor,
-                 empty_mask: torch.Tensor):
+                 empty_mask: torch.Tensor, text_encoder_state: dict | None = None):
         super().__init__()
         if not 0.0 < stage.high_fraction < 1.0:
             raise ValueError(f"flow.high_fraction={stage.high_fraction} must be in (0, 1): both "
@@ -53,6 +54,9 @@ class FlowTeacherModule(L.LightningModule):
         self.save_hyperparameters({"stage": asdict(stage), "teacher": config.name})
         self.config, self.stage = config, stage
         self.text_encoder = UMT5Encoder(**asdict(config.t5))
+        if text_encoder_state is not None:
+            self.text_encoder.load_state_dict(text_encoder_state)
+        self.text_encoder.requires_grad_(stage.text_lr > 0)
         self.expert_high = WanModel(**asdict(config.dit))
         self.expert_low = WanModel(**asdict(config.dit))
         # Buffers so they follow the module's device; not persistent: rebuilt from the tokenizer.
@@ -71,7 +75,8 @@ class FlowTeacherModule(L.LightningModule):
         s, sampling = self.stage, self.config.sampling
         batch = x0.shape[0]
         n_high = min(batch - 1, max(1, round(batch * s.high_fraction)))
-        context = context_from_ids(self.text_encoder, ids, mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage.text_lr > 0):
+            context = context_from_ids(self.text_encoder, ids, mask)
         noise = torch.randn_like(x0)
         per_sample = []
         terms = {}
@@ -96,11 +101,10 @@ class FlowTeacherModule(L.LightningModule):
 
     def configure_optimizers(self):
         s = self.stage
-        groups = [
-            {"params": list(self.text_encoder.parameters()), "lr": s.text_lr},
-            {"params": list(self.expert_high.parameters()) + list(self.expert_low.parameters()),
-             "lr": s.lr},
-        ]
+        groups = [{"params": list(self.expert_high.parameters()) + list(self.expert_low.parameters()),
+                   "lr": s.lr}]
+        if s.text_lr > 0:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": s.text_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.99))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, s.steps, s.warmup_steps, s.final_lr_fraction))

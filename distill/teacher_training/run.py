@@ -1,10 +1,12 @@
-"""Train the embedded shapes-world teacher from a seed, in three resumable Lightning stages.
+"""Train the embedded shapes-world teacher from a seed, in four resumable Lightning stages.
 
     python -m distill.teacher_training.run --config configs/teacher/shapes.yaml
 
 1. ``vae``: WanVAE on rendered clips (foreground-weighted, edge-preserving loss).
 2. ``latents``: the world encoded once; its statistics become latents_mean / latents_std.
-3. ``flow``: text encoder + expert_high + expert_low by flow matching (EMA weights are shipped).
+3. ``text``: the text encoder pretrained so every caption token carries the caption's factors.
+4. ``flow``: expert_high + expert_low by flow matching on the frozen text encoder (EMA weights
+   are shipped).
 
 Every stage writes its result into ``work_dir`` and is skipped when that result exists; an
 interrupted Lightning stage resumes from its ``last.ckpt``. The teacher is written to ``out_dir``
@@ -44,6 +46,12 @@ from distill.teacher_training.settings import (
     training_config_to_dict,
 )
 from distill.teacher_training.text import tokenize_captions
+from distill.teacher_training.text_pretraining import (
+    TextPretrainingModule,
+    caption_loader,
+    caption_table,
+    per_token_factor_accuracy,
+)
 from distill.teacher_training.vae_module import (
     VAETrainingModule,
     identity_normalised,
@@ -63,6 +71,7 @@ RUN_FILE = "run.json"
 VAE_WEIGHTS = "vae.safetensors"
 STAGE_REPORT = "report.json"
 FLOW_PARTS = ("text_encoder", "expert_high", "expert_low")
+TEXT_WEIGHTS = "text_encoder.safetensors"
 
 
 def teacher_config_for(config: TeacherTrainingConfig, base: TeacherConfig | None = None) -> TeacherConfig:
@@ -178,9 +187,35 @@ def run_latent_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed
     return cache, report
 
 
+def run_text_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int, work: Path,
+                   progress: bool) -> tuple[dict, dict]:
+    """Stage 3; returns (the text encoder's state_dict, report with per-token factor accuracy)."""
+    stage_dir = work / "text"
+    report = _read_report(stage_dir)
+    if report is not None and (stage_dir / TEXT_WEIGHTS).is_file():
+        return load_file(str(stage_dir / TEXT_WEIGHTS)), report
+    s = config.text
+    start = time.perf_counter()
+    L.seed_everything(seed + 3, verbose=False)
+    module = TextPretrainingModule(teacher.t5, s)
+    ids, mask, labels = caption_table(ByteTokenizer(), teacher.dit.text_len)
+    if s.steps > 0:
+        trainer = _trainer(stage_dir, s.steps, max(1, s.steps), progress)
+        trainer.fit(module, train_dataloaders=caption_loader(ids, mask, labels, s, seed),
+                    ckpt_path=_resume_path(stage_dir))
+    encoder = module.text_encoder.cpu().eval()
+    with torch.no_grad():
+        accuracy = per_token_factor_accuracy(encoder(ids, mask), mask, labels, module.heads.cpu())
+    save_safetensors_atomic(encoder.state_dict(), stage_dir / TEXT_WEIGHTS)
+    report = {"stage": "text", "steps": s.steps, "wall_s": time.perf_counter() - start,
+              "per_token_accuracy": accuracy}
+    write_text_atomic(json.dumps(report, indent=2), stage_dir / STAGE_REPORT)
+    return encoder.state_dict(), report
+
+
 def run_flow_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int, work: Path,
-                   cache: LatentCache, progress: bool) -> tuple[dict, dict]:
-    """Stage 3; returns ({part: state_dict} of the EMA weights, report)."""
+                   cache: LatentCache, text_state: dict, progress: bool) -> tuple[dict, dict]:
+    """Stage 4; returns ({part: state_dict} of the EMA weights, report)."""
     stage_dir = work / "flow"
     report = _read_report(stage_dir)
     files = {part: stage_dir / f"{part}.safetensors" for part in FLOW_PARTS}
@@ -194,7 +229,7 @@ def run_flow_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: 
     dataset = CaptionedLatents(cache, teacher.vae.latents_mean, teacher.vae.latents_std, tokenizer,
                                text_len)
     empty_ids, empty_mask = tokenize_captions(tokenizer, [""], text_len)
-    module = FlowTeacherModule(teacher, s, empty_ids[0], empty_mask[0])
+    module = FlowTeacherModule(teacher, s, empty_ids[0], empty_mask[0], text_state)
     ema = EMAWeightAveraging(decay=s.ema_decay, update_starting_at_step=s.ema_start_step)
     trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress, callbacks=[ema],
                        grad_clip=s.grad_clip)
@@ -249,8 +284,9 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
         teacher_config: an architecture to train instead of the preset the config names (tests
             train a tiny one); the run's sampling overrides still apply.
     Returns:
-        {"out_dir", "seed", "stage_s" {vae, latents, flow, export}, "total_s", "vae" (PSNR and
-        oracle on reconstructions), "latents_mean", "latents_std", "flow" (final metrics), "size_mb"}.
+        {"out_dir", "seed", "stage_s" {vae, latents, text, flow, export}, "total_s", "vae" (PSNR
+        and oracle on reconstructions), "latents_mean", "latents_std", "text" (per-token factor
+        accuracy), "flow" (final metrics), "size_mb"}.
     """
     cfg = load_training_config(config)
     seed = cfg.seed if seed is None else int(seed)
@@ -266,19 +302,20 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
     cache, latent_report = run_latent_stage(cfg, teacher, seed, work, progress)
     teacher = replace(teacher, vae=replace(teacher.vae, latents_mean=tuple(latent_report["latents_mean"]),
                                            latents_std=tuple(latent_report["latents_std"])))
-    flow_states, flow_report = run_flow_stage(cfg, teacher, seed, work, cache, progress)
+    text_state, text_report = run_text_stage(cfg, teacher, seed, work, progress)
+    flow_states, flow_report = run_flow_stage(cfg, teacher, seed, work, cache, text_state, progress)
     export_start = time.perf_counter()
     export_teacher(teacher, work, flow_states, out)
     export_s = time.perf_counter() - export_start
 
     stage_s = {"vae": vae_report["wall_s"], "latents": latent_report["wall_s"],
-               "flow": flow_report["wall_s"], "export": export_s}
+               "text": text_report["wall_s"], "flow": flow_report["wall_s"], "export": export_s}
     summary = {
         "out_dir": str(out), "seed": seed, "stage_s": stage_s, "total_s": sum(stage_s.values()),
         "this_call_s": time.perf_counter() - start,
         "vae": {k: vae_report[k] for k in ("psnr", "psnr_foreground", "oracle")},
         "latents_mean": latent_report["latents_mean"], "latents_std": latent_report["latents_std"],
-        "flow": flow_report["final_metrics"], "size_mb": _folder_mb(out),
+        "text": text_report["per_token_accuracy"], "flow": flow_report["final_metrics"], "size_mb": _folder_mb(out),
     }
     write_text_atomic(json.dumps(summary, indent=2), work / "summary.json")
     oracle = vae_report["oracle"]
@@ -287,7 +324,9 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
         f"{summary['total_s'] / 60:.1f} min: vae {stage_s['vae'] / 60:.1f} min (PSNR "
         f"{vae_report['psnr']:.1f} dB, object {vae_report['psnr_foreground']:.1f} dB, oracle on "
         f"reconstructions joint {oracle['joint']:.0%} shape {oracle['shape']:.0%}), latents "
-        f"{stage_s['latents'] / 60:.1f} min, flow {stage_s['flow'] / 60:.1f} min (loss "
+        f"{stage_s['latents'] / 60:.1f} min, text {stage_s['text'] / 60:.1f} min (per-token motion "
+        f"accuracy {text_report['per_token_accuracy']['motion']:.0%}), flow "
+        f"{stage_s['flow'] / 60:.1f} min (loss "
         f"{summary['flow'].get('flow/loss', float('nan')):.3f}), export {export_s:.1f} s"
     )
     return summary

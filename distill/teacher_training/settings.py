@@ -74,13 +74,31 @@ class LatentStageConfig:
 
 
 @dataclass(frozen=True)
-class FlowStageConfig:
-    """Stage 3: text encoder + expert_high + expert_low trained jointly by flow matching."""
+class TextStageConfig:
+    """Stage 3: the text encoder pretrained to make every caption token carry the caption's factors
+    (``distill.teacher_training.text_pretraining``); 0 steps leaves it randomly initialised."""
 
-    steps: int = 5000
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"text steps={self.steps} must be >= 0 (0 skips the pretraining)")
+        if self.batch_size < 1:
+            raise ValueError(f"text batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class FlowStageConfig:
+    """Stage 4: expert_high + expert_low (and the text encoder unless text_lr is 0) trained by
+    flow matching."""
+
+    steps: int = 5500
     batch_size: int = 16
     lr: float = 1e-3
-    text_lr: float = 1e-3
+    # 0 freezes the pretrained text encoder, as the real teacher's umT5 is frozen.
+    text_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1
@@ -89,7 +107,7 @@ class FlowStageConfig:
     caption_dropout: float = 0.1
     # Fraction of every batch given to expert_high (t >= boundary * 1000); the rest goes to
     # expert_low (t below the boundary).
-    high_fraction: float = 0.3
+    high_fraction: float = 0.5
     # Training sigmas are shift(u) with u uniform over each expert's range; 1.0 = uniform sigma.
     train_shift: float = 3.0
     # Gradient-norm clip (0 = none): a guard for the high learning rates a short CPU budget wants.
@@ -99,6 +117,8 @@ class FlowStageConfig:
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
+        if self.text_lr < 0:
+            raise ValueError(f"flow text_lr={self.text_lr} must be >= 0 (0 freezes the text encoder)")
         if self.grad_clip < 0:
             raise ValueError(f"flow grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
 
@@ -117,6 +137,7 @@ class TeacherTrainingConfig:
     num_threads: int = 2
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     latents: LatentStageConfig = field(default_factory=LatentStageConfig)
+    text: TextStageConfig = field(default_factory=TextStageConfig)
     flow: FlowStageConfig = field(default_factory=FlowStageConfig)
     # Optional overrides of the preset's sampling defaults (e.g. {"shift": 2.0}); must be fields
     # of teacher.config.SamplingConfig.
@@ -143,6 +164,8 @@ def training_config_from_dict(data: dict, source: str = "teacher training config
         values["vae"] = _build(VAEStageConfig, vae, f"{source} [vae]")
     if "latents" in values:
         values["latents"] = _build(LatentStageConfig, values["latents"], f"{source} [latents]")
+    if "text" in values:
+        values["text"] = _build(TextStageConfig, values["text"], f"{source} [text]")
     if "flow" in values:
         values["flow"] = _build(FlowStageConfig, values["flow"], f"{source} [flow]")
     return _build(TeacherTrainingConfig, values, source)
