@@ -117,7 +117,9 @@ class DistillConfig:
     teacher_dir: the teacher folder; None = the embedded shapes teacher (teacher/weights/shapes).
     student: student preset name (``student.config.STUDENT_PRESETS``).
     student_init: a WanModel folder to initialise the student from (e.g. Wan2.1-T2V-1.3B); None =
-        the adapted low-noise expert (the student then has the experts' shape).
+        the adapted expert named by ``init_expert`` (the student then has the experts' shape).
+    init_expert: "high" or "low": which stage-A expert starts the student when student_init is
+        None. The high-noise expert is the one that reads the direction word (BENCHMARKS.md).
     output_dir: where the student is exported; None = ``student.paths.default_student_dir``.
     run_dir: checkpoints and the adapted causal teacher; None = ``student.paths.default_run_dir``.
     resume: continue a run found in run_dir (same teacher and settings) from its last checkpoint.
@@ -126,6 +128,7 @@ class DistillConfig:
     teacher_dir: str | None = None
     student: str = "shapes"
     student_init: str | None = None
+    init_expert: str = "high"
     output_dir: str | None = None
     run_dir: str | None = None
     seed: int = 0

@@ -46,18 +46,25 @@ class ConsistencyDistillationModule(L.LightningModule):
         causal_teacher_dir: a stage-A export (``ARAdaptationModule.export_causal_teacher``).
         student: the student's ``StudentConfig`` as a dict (``student_config_to_dict``).
         student_init: WanModel folder the student starts from; None = the causal teacher's
-            low-noise expert (+ a zero guidance embedding, so the student starts equal to it).
+            expert named by ``init_expert`` (+ a zero guidance embedding, so the student starts
+            equal to it).
+        init_expert: "high" or "low".
         stage, parallel, seed: run knobs (``distill.config``).
     Batches: latents [B, C, F, H, W], context [B, L, D], context_neg [1, L, D].
     """
 
     def __init__(self, causal_teacher_dir: str, student: dict, student_init: str | None = None,
                  stage: ConsistencyConfig = ConsistencyConfig(),
-                 parallel: ParallelConfig = ParallelConfig(), seed: int = 0):
+                 parallel: ParallelConfig = ParallelConfig(), seed: int = 0,
+                 init_expert: str = "high"):
         super().__init__()
         self.save_hyperparameters({"causal_teacher_dir": causal_teacher_dir, "student": student,
-                                   "student_init": student_init, "stage": asdict(stage),
+                                   "student_init": student_init, "init_expert": init_expert,
+                                   "stage": asdict(stage),
                                    "parallel": asdict(parallel), "seed": seed})
+        if init_expert not in ("high", "low"):
+            raise ValueError(f"init_expert={init_expert!r} must be 'high' or 'low' (the stage-A "
+                             f"expert the student starts from)")
         if stage.loss not in LOSS_KINDS:
             raise ValueError(f"stage_b.loss={stage.loss!r} must be one of {list(LOSS_KINDS)}")
         if stage.teacher_solver not in TEACHER_SOLVERS:
@@ -72,7 +79,7 @@ class ConsistencyDistillationModule(L.LightningModule):
             raise ValueError(f"the causal teacher in {causal_teacher_dir} was adapted with "
                              f"chunk_frames={self.expert_config.chunk_frames}, the student uses "
                              f"{self.student_config.chunk_frames}; rerun stage A for this student")
-        self.student_init = student_init
+        self.student_init, self.init_expert = student_init, init_expert
         sampling = self.teacher_config.sampling
         self.schedule = cd_schedule(stage.num_intervals, sampling.shift, sampling.boundary,
                                     sampling.num_train_timesteps)
@@ -109,8 +116,9 @@ class ConsistencyDistillationModule(L.LightningModule):
             for sub in (self.teacher_config.expert_high_dir, self.teacher_config.expert_low_dir)
         ]
         self._teacher = FrozenExperts(*experts)
+        start = {"high": self.teacher_config.expert_high_dir, "low": self.teacher_config.expert_low_dir}
         init = (Path(self.student_init) if self.student_init
-                else teacher_root / self.teacher_config.expert_low_dir)
+                else teacher_root / start[self.init_expert])
         self.student = load_causal_network(
             self.student_config, init, device=device, mesh=mesh, trainable=True,
             compute_dtype=p.compute_dtype, activation_checkpointing=p.activation_checkpointing,

@@ -336,11 +336,13 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     t0 = time.perf_counter()
     stage_b_dir = run_dir / "stage_b"
     identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
-                  "student_init": cfg.student_init, "stage_b": asdict(cfg.stage_b)}
+                  "student_init": cfg.student_init or f"stage-A expert_{cfg.init_expert}",
+                  "stage_b": asdict(cfg.stage_b)}
     resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
     L.seed_everything(cfg.seed, verbose=False)
     module_b = ConsistencyDistillationModule(str(causal_dir), student_config_to_dict(student),
-                                             cfg.student_init, cfg.stage_b, cfg.parallel, cfg.seed)
+                                             cfg.student_init, cfg.stage_b, cfg.parallel, cfg.seed,
+                                             init_expert=cfg.init_expert)
     trainer_b = make_trainer(tc, stage_b_dir, cfg.stage_b.max_steps,
                              "stage B: consistency distillation")
     trainer_b.fit(module_b, datamodule(cfg.stage_b.batch_size),

@@ -178,17 +178,26 @@ def test_teacher_is_outside_registry_and_checkpoint(stage_b, tmp_path):
 
 def test_student_starts_from_low_expert_and_ema_follows(stage_b, causal_teacher):
     module = stage_b["module"]
-    # EMA before training = the student's init = the adapted low expert (+ zero guidance head).
+    # EMA before training = the student's init = the adapted high expert by default (init_expert)
+    # (+ zero guidance head).
     ema0 = stage_b["ema0"]
+    high = causal_teacher["module"].expert_high.state_dict()
     low = causal_teacher["module"].expert_low.state_dict()
-    for k, v in low.items():
+    for k, v in high.items():
         assert torch.equal(ema0[k], v)
+    assert any(not torch.equal(ema0[k], v) for k, v in low.items())
     assert torch.count_nonzero(ema0["guidance_embedding.2.weight"]) == 0
     # After one step with decay 0.9: ema = 0.9 * ema0 + 0.1 * student.
     student = module.student.state_dict()
     for k, v in module.ema_student.state_dict().items():
         torch.testing.assert_close(v, 0.9 * ema0[k] + 0.1 * student[k], rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(student[k], ema0[k]) for k in student)
+
+
+def test_init_expert_must_name_an_expert(causal_teacher):
+    with pytest.raises(ValueError, match="init_expert='middle' must be 'high' or 'low'"):
+        ConsistencyDistillationModule(str(causal_teacher["folder"]),
+                                      student_config_to_dict(TINY_STUDENT), init_expert="middle")
 
 
 def test_export_student_folders(stage_b, tmp_path):

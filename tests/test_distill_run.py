@@ -105,7 +105,7 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     third = distill_main(None, overrides + ["stage_b.optim.lr=0.0"], verbose=False)
     assert (third.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
     model3, _ = load_student(third.student_dir / "student")
-    low, _ = load_student(third.causal_teacher_dir / "low_noise_model")
-    # lr 0: the online student is still the low-noise expert it started from.
-    for k, v in low.state_dict().items():
+    high, _ = load_student(third.causal_teacher_dir / "high_noise_model")
+    # lr 0: the online student is still the high-noise expert it started from (init_expert).
+    for k, v in high.state_dict().items():
         assert torch.equal(model3.state_dict()[k], v)

@@ -58,7 +58,7 @@ def test_loss_and_accuracy_against_a_token_by_token_computation():
                 correct[k] += int(max(range(len(logits)), key=logits.__getitem__) == labels[b, k])
     total = sum(p / valid for p in per_factor)
     loss = per_token_factor_loss(hidden, mask, labels, heads)
-    assert float(loss) == pytest.approx(total, rel=1e-5)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
     accuracy = per_token_factor_accuracy(hidden, mask, labels, heads)
     assert accuracy == pytest.approx({name: c / valid for (name, _), c in zip(FACTOR_CLASSES, correct)})
 
