@@ -110,6 +110,17 @@ class TrainerConfig:
     num_threads: int | None = None  # CPU threads of torch; None: its default (1 if OpenMP spins)
 
 
+# The stage-A experts a student can start from (DistillConfig.init_expert).
+INIT_EXPERTS = ("high", "low")
+
+
+def check_init_expert(name: str) -> None:
+    """Fail early, naming the value and the choices, when ``init_expert`` is not an expert."""
+    if name not in INIT_EXPERTS:
+        raise ValueError(f"init_expert={name!r} must be one of {list(INIT_EXPERTS)} (the stage-A "
+                         f"expert the student starts from)")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """The whole job: data -> stage A (causal teacher) -> stage B (student) -> export.

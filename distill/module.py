@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from distill.ar_adaptation import make_optimizer, read_causal_teacher, step_generator
-from distill.config import ConsistencyConfig, ParallelConfig
+from distill.config import ConsistencyConfig, ParallelConfig, check_init_expert
 from distill.consistency import (
     TEACHER_SOLVERS,
     causal_cd_step,
@@ -62,9 +62,7 @@ class ConsistencyDistillationModule(L.LightningModule):
                                    "student_init": student_init, "init_expert": init_expert,
                                    "stage": asdict(stage),
                                    "parallel": asdict(parallel), "seed": seed})
-        if init_expert not in ("high", "low"):
-            raise ValueError(f"init_expert={init_expert!r} must be 'high' or 'low' (the stage-A "
-                             f"expert the student starts from)")
+        check_init_expert(init_expert)
         if stage.loss not in LOSS_KINDS:
             raise ValueError(f"stage_b.loss={stage.loss!r} must be one of {list(LOSS_KINDS)}")
         if stage.teacher_solver not in TEACHER_SOLVERS:

@@ -43,7 +43,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from distill.ar_adaptation import CAUSAL_TEACHER_FILE, ARAdaptationModule  # noqa: E402
-from distill.config import DistillConfig, TrainerConfig  # noqa: E402
+from distill.config import DistillConfig, TrainerConfig, check_init_expert  # noqa: E402
 from distill.data.latents import (  # noqa: E402
     LatentDataModule,
     build_latent_cache,
@@ -114,11 +114,12 @@ def read_teacher_config(teacher_dir: Path) -> TeacherConfig:
 def resolve_student(config: DistillConfig, teacher: TeacherConfig) -> StudentConfig:
     """The student preset, checked against where its weights start."""
     student = student_preset(config.student)
+    check_init_expert(config.init_expert)
     if config.student_init is None and student.dit != teacher.dit:
         raise ValueError(
             f"student preset {config.student!r} has another DiT shape than the teacher's experts "
-            f"({student.dit} vs {teacher.dit}), so it cannot start from the adapted low-noise "
-            f"expert; set student_init to a WanModel folder of its shape (e.g. Wan2.1-T2V-1.3B)")
+            f"({student.dit} vs {teacher.dit}), so it cannot start from an adapted expert; set "
+            f"student_init to a WanModel folder of its shape (e.g. Wan2.1-T2V-1.3B)")
     return student
 
 

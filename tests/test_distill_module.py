@@ -195,7 +195,7 @@ def test_student_starts_from_low_expert_and_ema_follows(stage_b, causal_teacher)
 
 
 def test_init_expert_must_name_an_expert(causal_teacher):
-    with pytest.raises(ValueError, match="init_expert='middle' must be 'high' or 'low'"):
+    with pytest.raises(ValueError, match=r"init_expert='middle' must be one of \['high', 'low'\]"):
         ConsistencyDistillationModule(str(causal_teacher["folder"]),
                                       student_config_to_dict(TINY_STUDENT), init_expert="middle")
 

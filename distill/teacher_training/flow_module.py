@@ -2,7 +2,8 @@
 
 The text encoder comes from stage 3 (``text_pretraining``) and stays frozen by default, as the
 real teacher's umT5 does; with ``text_lr`` > 0 it is fine-tuned jointly, its gradient coming
-from whichever expert each sample was routed to. A fraction of captions is replaced by the empty caption, which is what the sampler's
+from whichever expert each sample was routed to. A fraction of captions is replaced by the
+empty caption, which is what the sampler's
 unconditional pass (negative prompt "") feeds the experts, so classifier-free guidance works.
 """
 
@@ -75,8 +76,7 @@ class FlowTeacherModule(L.LightningModule):
         s, sampling = self.stage, self.config.sampling
         batch = x0.shape[0]
         n_high = min(batch - 1, max(1, round(batch * s.high_fraction)))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage.text_lr > 0):
-            context = context_from_ids(self.text_encoder, ids, mask)
+        context = context_from_ids(self.text_encoder, ids, mask)
         noise = torch.randn_like(x0)
         per_sample = []
         terms = {}

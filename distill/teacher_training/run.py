@@ -200,7 +200,7 @@ def run_text_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: 
     module = TextPretrainingModule(teacher.t5, s)
     ids, mask, labels = caption_table(ByteTokenizer(), teacher.dit.text_len)
     if s.steps > 0:
-        trainer = _trainer(stage_dir, s.steps, max(1, s.steps), progress)
+        trainer = _trainer(stage_dir, s.steps, s.steps, progress)
         trainer.fit(module, train_dataloaders=caption_loader(ids, mask, labels, s, seed),
                     ckpt_path=_resume_path(stage_dir))
     encoder = module.text_encoder.cpu().eval()
@@ -315,7 +315,8 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
         "this_call_s": time.perf_counter() - start,
         "vae": {k: vae_report[k] for k in ("psnr", "psnr_foreground", "oracle")},
         "latents_mean": latent_report["latents_mean"], "latents_std": latent_report["latents_std"],
-        "text": text_report["per_token_accuracy"], "flow": flow_report["final_metrics"], "size_mb": _folder_mb(out),
+        "text": text_report["per_token_accuracy"], "flow": flow_report["final_metrics"],
+        "size_mb": _folder_mb(out),
     }
     write_text_atomic(json.dumps(summary, indent=2), work / "summary.json")
     oracle = vae_report["oracle"]

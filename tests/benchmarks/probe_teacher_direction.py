@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from distill.teacher_training.flow_losses import unshift_sigmas  # noqa: E402
 from eval.oracle import accuracy  # noqa: E402
 from eval.shapes_world import MOTIONS, Factors, caption, render, sample_spec  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
@@ -118,7 +119,7 @@ def high_noise_sampling(models, n: int = 64, steps: int = 12) -> None:
     prompts = [caption(f, "en" if i % 2 == 0 else "zh") for i, f in enumerate(factors)]
     cond, uncond = encode_prompts(models, prompts), encode_prompts(models, [s.negative_prompt] * n)
     # The sampler's grid: u uniform from 1 to the boundary's u, sigma = shift(u).
-    u_end = s.boundary / (s.shift - (s.shift - 1) * s.boundary)
+    u_end = unshift_sigmas(s.boundary, s.shift)
     sigmas = shift_sigmas(torch.linspace(1.0, u_end, steps + 1, dtype=torch.float64), s.shift).tolist()
     x = torch.randn((n, models.config.dit.in_dim, 5, 16, 16), generator=torch.Generator().manual_seed(7))
 
