@@ -43,7 +43,8 @@ from eval.clip_score import clip_score_per_video
 from eval.oracle import judge
 from eval.paired import paired_psnr_ssim
 from eval.report import available, not_applicable, unavailable
-from eval.shapes_world import LANGS, caption_lang, parse_caption, render, sample_spec
+from eval.shapes_world import (COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, parse_caption,
+                                render, sample_spec)
 from eval.systems import StudentSystem, TeacherSystem, VideoSystem
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
@@ -246,11 +247,18 @@ class VideoFeatures(Metric):
 
 
 ORACLE_FIELDS = ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion")
+# The values of each factor, in the order of the confusion tables' rows and columns.
+FACTOR_VALUES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
+NOT_RECOVERED = "none"  # the confusion column of videos whose factor the oracle could not read
 
 
 class OracleCounts(Metric):
-    """Oracle tallies per caption language: counts [len(LANGS), 7] (see ORACLE_FIELDS), summed
-    over processes. Equal to ``eval.oracle.accuracy`` on the same videos."""
+    """Oracle tallies, summed over processes: per caption language counts [len(LANGS), 7] (see
+    ORACLE_FIELDS), equal to ``eval.oracle.accuracy`` on the same videos, and per factor a
+    confusion table [values, values + 1] (captioned value x recovered value, last column: not
+    recovered). The tables show what an aggregate hides, e.g. a system that draws every shape
+    as a circle scores 33% shape accuracy with every square and triangle in the circle column.
+    """
 
     full_state_update = False
 
@@ -258,18 +266,26 @@ class OracleCounts(Metric):
         super().__init__(**kwargs)
         self.add_state("counts", default=torch.zeros(len(LANGS), len(ORACLE_FIELDS),
                                                      dtype=torch.int64), dist_reduce_fx="sum")
+        for factor, values in FACTOR_VALUES.items():
+            self.add_state(f"confusion_{factor}", dist_reduce_fx="sum",
+                           default=torch.zeros(len(values), len(values) + 1, dtype=torch.int64))
 
     def update(self, videos: torch.Tensor, prompts: Sequence[str]) -> None:
         """videos uint8 [B, T, H, W, 3]; prompts: shapes-world captions (either language)."""
         if len(videos) != len(prompts):
             raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
-        for video, prompt in zip(videos.cpu().numpy(), prompts):
+        targets = [parse_caption(p) for p in prompts]  # all checked before anything is counted
+        for video, prompt, target in zip(videos.cpu().numpy(), prompts, targets):
             verdict = judge(video)
-            hits = verdict.matches(parse_caption(prompt))
+            hits = verdict.matches(target)
             row = [1, hits["colour"], hits["shape"], hits["motion"], hits["joint"],
                    not verdict.found, verdict.found and verdict.motion is None]
             self.counts[LANGS.index(caption_lang(prompt))] += torch.tensor(
                 [int(v) for v in row], device=self.counts.device)
+            for factor, values in FACTOR_VALUES.items():
+                recovered = getattr(verdict, factor)
+                column = values.index(recovered) if recovered is not None else len(values)
+                getattr(self, f"confusion_{factor}")[values.index(getattr(target, factor)), column] += 1
 
     def compute(self) -> dict:
         counts = self.counts.cpu()
@@ -286,6 +302,17 @@ class OracleCounts(Metric):
 
         result = summary(counts.sum(dim=0))
         result["by_language"] = {lang: summary(counts[i]) for i, lang in enumerate(LANGS)}
+        result["by_value"], result["confusion"] = {}, {}
+        for factor, values in FACTOR_VALUES.items():
+            table = getattr(self, f"confusion_{factor}").cpu()
+            columns = (*values, NOT_RECOVERED)
+            # Accuracy among the prompts that ask for each value (values never asked for: absent).
+            result["by_value"][factor] = {
+                value: int(table[i, i]) / int(table[i].sum())
+                for i, value in enumerate(values) if table[i].sum() > 0}
+            result["confusion"][factor] = {
+                value: {columns[j]: int(c) for j, c in enumerate(table[i].tolist()) if c}
+                for i, value in enumerate(values) if table[i].sum() > 0}
         return result
 
 

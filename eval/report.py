@@ -269,6 +269,7 @@ def format_markdown(report: dict) -> str:
         lines.append(f"Pareto front (*) on latency vs {axis['label']}: {', '.join(front)}.")
     else:
         lines.append("No quality metric is available, so there is no Pareto front.")
+    lines += _by_value_lines(report)
     reasons = _unavailable_reasons(report)
     if reasons or report.get("skipped") or report.get("notes"):
         lines += ["", "## Notes", ""]
@@ -284,6 +285,31 @@ def format_markdown(report: dict) -> str:
     if seconds:
         lines.append("- Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _by_value_lines(report: dict) -> list[str]:
+    """A table of the oracle's accuracy per shape and motion value (and the weakest colour), with
+    each system's most common confusions; empty when no system has the breakdown."""
+    rows = [(s["name"], s["oracle"]) for s in report["systems"]
+            if is_ok(s.get("oracle")) and "by_value" in s["oracle"]]
+    if not rows:
+        return []
+    shapes = list(rows[0][1]["by_value"]["shape"])
+    motions = list(rows[0][1]["by_value"]["motion"])
+    header = ["System", *shapes, *motions, "weakest colour", "most common errors (asked -> seen)"]
+    lines = ["", "## Oracle accuracy by factor value", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, oracle in rows:
+        by_value = oracle["by_value"]
+        colour, worst = min(by_value["colour"].items(), key=lambda kv: kv[1])
+        errors = sorted(((count, f"{asked} -> {seen}") for table in oracle["confusion"].values()
+                         for asked, row in table.items() for seen, count in row.items()
+                         if seen != asked), reverse=True)[:3]
+        cells = [f"{by_value['shape'].get(v, float('nan')):.0%}" for v in shapes]
+        cells += [f"{by_value['motion'].get(v, float('nan')):.0%}" for v in motions]
+        lines.append("| " + " | ".join([name, *cells, f"{colour} {worst:.0%}",
+                                        ", ".join(f"{e} ({c})" for c, e in errors) or "-"]) + " |")
+    return lines
 
 
 def _unavailable_reasons(report: dict) -> list[tuple[str, str]]:

@@ -21,11 +21,12 @@ from PIL import Image
 from eval.distributed_eval import (EvalConfig, MetricNetworks, OracleCounts, SystemSpec,
                                    VideoFeatures, system_name)
 from eval.latency import rotation, side_by_side, summarize
-from eval.oracle import accuracy
+from eval.oracle import accuracy, judge
 from eval.report import (
     RANDOM_TEST_NETWORK,
     available,
     build_report,
+    format_markdown,
     pareto_front,
     unavailable,
 )
@@ -237,6 +238,45 @@ def test_oracle_counts_equal_eval_oracle_accuracy():
     assert got["not_found"] == 1 and got["joint"] < 1.0
     by_lang = got["by_language"]
     assert by_lang["en"]["n"] + by_lang["zh"]["n"] == 6
+    # The confusion tables against a tally of the oracle's verdicts, video by video.
+    for factor in ("colour", "shape", "motion"):
+        tally = {}
+        for video, prompt in zip(videos, prompts):
+            asked = getattr(parse_caption(prompt), factor)
+            seen = getattr(judge(video), factor) or "none"
+            tally.setdefault(asked, {}).setdefault(seen, 0)
+            tally[asked][seen] += 1
+        assert got["confusion"][factor] == tally, factor
+        assert got["by_value"][factor] == {asked: row.get(asked, 0) / sum(row.values())
+                                           for asked, row in tally.items()}, factor
+    assert got["confusion"]["shape"][parse_caption(prompts[4]).shape].get("none", 0) >= 1
+
+
+def test_oracle_counts_reject_a_batch_with_a_foreign_caption_and_count_none_of_it():
+    metric = OracleCounts()
+    videos = torch.zeros(2, 17, 64, 64, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="hexagon"):
+        metric.update(videos, ["a red circle moving left", "a purple hexagon moving sideways"])
+    assert metric.counts.sum() == 0 and metric.confusion_shape.sum() == 0
+
+
+def test_markdown_lists_accuracy_by_factor_value_and_the_common_errors():
+    by_value = {"colour": {"red": 1.0, "blue": 0.5}, "shape": {"circle": 1.0, "square": 0.0},
+                "motion": {"left": 0.75, "up": 1.0}}
+    confusion = {"colour": {"red": {"red": 2}, "blue": {"blue": 1, "cyan": 1}},
+                 "shape": {"circle": {"circle": 2}, "square": {"circle": 2}},
+                 "motion": {"left": {"left": 3, "none": 1}, "up": {"up": 1}}}
+    oracle = available(n=4, joint=0.25, colour=0.75, shape=0.5, motion=0.75, correct={},
+                       not_found=0, no_motion=1, by_value=by_value, confusion=confusion)
+    report = build_report(world="shapes", systems=[{"name": "sys-a", "oracle": oracle}],
+                          settings={}, machine={}, weights={})
+    table = format_markdown(report).split("## Oracle accuracy by factor value")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| sys-a"))
+    assert row == ("| sys-a | 100% | 0% | 75% | 100% | blue 50% | "
+                   "square -> circle (2), left -> none (1), blue -> cyan (1) |")
+    without = build_report(world="shapes", systems=[{"name": "sys-b", "oracle": unavailable("x")}],
+                           settings={}, machine={}, weights={})
+    assert "by factor value" not in format_markdown(without)
 
 
 def test_video_features_gather_in_order():
