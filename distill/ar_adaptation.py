@@ -1,6 +1,6 @@
 """Stage A: autoregressive (causal) adaptation of the two-expert teacher by teacher forcing.
 
-Why (notes/STUDENT.md; Causal Forcing, shared/reference/distill-anchors.md 2.2): the bidirectional
+Why (Causal Forcing, shared/reference/distill-anchors.md 2.2): the bidirectional
 teacher's ODE map for chunk c depends on the noise of later chunks, which a streaming student
 never sees, so consistency distillation needs a teacher whose ODE map is a function of causal
 inputs. Each expert becomes a ``CausalWanModel`` (no guidance embedding) trained by flow matching

@@ -1,6 +1,6 @@
 """Causal consistency distillation (stage B) as pure functions of (networks, tensors, schedule, rng).
 
-One step (STUDENT.md, "Distillation"; FastVideo causal-CD / Causal Forcing++ style):
+One step (FastVideo causal-CD / Causal Forcing++ style, shared/reference/distill-anchors.md 2.1):
 
 1. the teacher's schedule is discretised into N sigmas ``1 = s_0 > s_1 > ... > s_N = 0``
    (``cd_schedule``); an index n is drawn per sample (or per chunk) inside the range of ONE expert,

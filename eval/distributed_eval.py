@@ -285,7 +285,8 @@ class OracleCounts(Metric):
             for factor, values in FACTOR_VALUES.items():
                 recovered = getattr(verdict, factor)
                 column = values.index(recovered) if recovered is not None else len(values)
-                getattr(self, f"confusion_{factor}")[values.index(getattr(target, factor)), column] += 1
+                table = getattr(self, f"confusion_{factor}")
+                table[values.index(getattr(target, factor)), column] += 1
 
     def compute(self) -> dict:
         counts = self.counts.cpu()

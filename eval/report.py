@@ -307,7 +307,8 @@ def _by_value_lines(report: dict) -> list[str]:
                          if seen != asked), reverse=True)[:3]
         cells = [f"{by_value['shape'].get(v, float('nan')):.0%}" for v in shapes]
         cells += [f"{by_value['motion'].get(v, float('nan')):.0%}" for v in motions]
-        lines.append("| " + " | ".join([name, *cells, f"{colour} {worst:.0%}",
+        weakest = "all 100%" if worst == 1.0 else f"{colour} {worst:.0%}"
+        lines.append("| " + " | ".join([name, *cells, weakest,
                                         ", ".join(f"{e} ({c})" for c, e in errors) or "-"]) + " |")
     return lines
 

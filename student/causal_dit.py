@@ -1,7 +1,7 @@
 """The causal few-step student: a WanModel with block-causal attention over chunks of latent
 frames, per-chunk timesteps, a guidance-scale embedding and a KV cache for streaming.
 
-Decisions: notes/STUDENT.md; anchors: shared/reference/distill-anchors.md §2.2 (block-causal
+Anchors: shared/reference/distill-anchors.md §2.2 (block-causal
 masks, KV cache, rolling window + sink, KV re-cache on a prompt switch, cache-relative RoPE).
 
 Parameter names equal ``teacher.dit.WanModel``'s (the official checkpoint keys) plus

@@ -3,7 +3,7 @@
 Architecture numbers live here (never in YAML). ``dit`` is the teacher's ``DiTConfig`` type, so a
 student and an expert of the same shape share every parameter name and shape; the student only
 adds the guidance embedding. Facts: shared/reference/distill-anchors.md §2.2 (chunking, sink and
-window sizes of Self-Forcing/LongLive), §2.4 (4-step sigma lists), notes/STUDENT.md (decisions).
+window sizes of Self-Forcing/LongLive), §2.4 (4-step sigma lists).
 
 Streaming geometry, in latent frames: a chunk is ``chunk_frames`` frames; the KV cache keeps the
 first ``sink_chunks`` chunks forever plus the latest ``window_chunks`` chunks, so a chunk attends

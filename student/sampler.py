@@ -1,6 +1,6 @@
 """Few-step sampling of the causal student: pure functions of (model, tensors, schedule).
 
-Per chunk, multistep consistency sampling (notes/STUDENT.md; Self-Forcing's chunk loop,
+Per chunk, multistep consistency sampling (Self-Forcing's chunk loop,
 shared/reference/distill-anchors.md §2.2)::
 
     x = noise

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.distributed_eval import (EvalConfig, MetricNetworks, OracleCounts, SystemSpec,
-                                   VideoFeatures, system_name)
+from eval.distributed_eval import (NOT_RECOVERED, EvalConfig, MetricNetworks, OracleCounts,
+                                   SystemSpec, VideoFeatures, system_name)
 from eval.latency import rotation, side_by_side, summarize
 from eval.oracle import accuracy, judge
 from eval.report import (
@@ -243,13 +243,13 @@ def test_oracle_counts_equal_eval_oracle_accuracy():
         tally = {}
         for video, prompt in zip(videos, prompts):
             asked = getattr(parse_caption(prompt), factor)
-            seen = getattr(judge(video), factor) or "none"
+            seen = getattr(judge(video), factor) or NOT_RECOVERED
             tally.setdefault(asked, {}).setdefault(seen, 0)
             tally[asked][seen] += 1
         assert got["confusion"][factor] == tally, factor
         assert got["by_value"][factor] == {asked: row.get(asked, 0) / sum(row.values())
                                            for asked, row in tally.items()}, factor
-    assert got["confusion"]["shape"][parse_caption(prompts[4]).shape].get("none", 0) >= 1
+    assert got["confusion"]["shape"][parse_caption(prompts[4]).shape].get(NOT_RECOVERED, 0) >= 1
 
 
 def test_oracle_counts_reject_a_batch_with_a_foreign_caption_and_count_none_of_it():
@@ -268,12 +268,19 @@ def test_markdown_lists_accuracy_by_factor_value_and_the_common_errors():
                  "motion": {"left": {"left": 3, "none": 1}, "up": {"up": 1}}}
     oracle = available(n=4, joint=0.25, colour=0.75, shape=0.5, motion=0.75, correct={},
                        not_found=0, no_motion=1, by_value=by_value, confusion=confusion)
-    report = build_report(world="shapes", systems=[{"name": "sys-a", "oracle": oracle}],
+    perfect = available(n=1, joint=1.0, colour=1.0, shape=1.0, motion=1.0, correct={},
+                        not_found=0, no_motion=0,
+                        by_value={"colour": {"red": 1.0}, "shape": {"circle": 1.0, "square": 1.0},
+                                  "motion": {"left": 1.0, "up": 1.0}},
+                        confusion={"colour": {"red": {"red": 1}}})
+    report = build_report(world="shapes", systems=[{"name": "sys-a", "oracle": oracle},
+                                                   {"name": "sys-p", "oracle": perfect}],
                           settings={}, machine={}, weights={})
     table = format_markdown(report).split("## Oracle accuracy by factor value")[1]
-    row = next(line for line in table.splitlines() if line.startswith("| sys-a"))
-    assert row == ("| sys-a | 100% | 0% | 75% | 100% | blue 50% | "
-                   "square -> circle (2), left -> none (1), blue -> cyan (1) |")
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| sys")}
+    assert rows["sys-a"] == ("| sys-a | 100% | 0% | 75% | 100% | blue 50% | "
+                             "square -> circle (2), left -> none (1), blue -> cyan (1) |")
+    assert rows["sys-p"] == "| sys-p | 100% | 100% | 100% | 100% | all 100% | - |"
     without = build_report(world="shapes", systems=[{"name": "sys-b", "oracle": unavailable("x")}],
                            settings={}, machine={}, weights={})
     assert "by factor value" not in format_markdown(without)
