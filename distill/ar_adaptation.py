@@ -32,7 +32,7 @@ from student.causal_dit import CausalWanModel
 from student.checkpoint import save_student
 from student.config import StudentConfig, student_config_from_dict, student_config_to_dict
 from teacher.config import TeacherConfig, teacher_config_from_dict, teacher_config_to_dict
-from teacher.schedule import Expert, shift_sigmas
+from teacher.schedule import Expert, shift_sigmas, unshift_sigmas
 from teacher.weight_files import write_text_atomic
 
 CAUSAL_TEACHER_FILE = "wan_distill_causal_teacher.json"
@@ -48,11 +48,6 @@ def step_generator(seed: int, step: int, rank: int | None = None,
     """
     mix = (seed * 1_000_003 + step) * 1_000_033 + (0 if rank is None else rank + 1)
     return torch.Generator(device=device).manual_seed(mix % (2**63 - 1))
-
-
-def unshift_sigmas(sigma: float, shift: float) -> float:
-    """The inverse of ``teacher.schedule.shift_sigmas``: u with shift(u) = sigma."""
-    return sigma / (shift - (shift - 1) * sigma)
 
 
 def expert_u_range(expert: Expert, boundary: float, shift: float) -> tuple[float, float]:

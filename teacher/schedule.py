@@ -40,6 +40,16 @@ def shift_sigmas(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | fl
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def unshift_sigmas(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The inverse of ``shift_sigmas``: u with ``s * u / (1 + (s - 1) * u) = sigma``.
+
+    Training draws u uniformly and shifts it, so the inverse maps a noise range (an expert's, a
+    boundary) back to the u range to draw from. Same type / shape / dtype as ``sigma``.
+    """
+    _check_shift(shift)
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def unipc_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The official UniPC grid of Wan2.2 (FlowUniPCMultistepScheduler.set_timesteps).
 

@@ -11,6 +11,7 @@ from teacher.schedule import (
     shift_sigmas,
     sigmas_to_timesteps,
     unipc_sigmas,
+    unshift_sigmas,
 )
 
 
@@ -165,3 +166,17 @@ def test_bad_timestep_inputs():
         expert_for_timestep(torch.tensor([900, 800]))
     with pytest.raises(ValueError, match="num_train_timesteps"):
         unipc_sigmas(40, 12.0, num_train_timesteps=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 12.0])
+def test_unshift_inverts_shift_on_tensors_and_floats(shift):
+    x = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    torch.testing.assert_close(shift_sigmas(unshift_sigmas(x, shift), shift), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(unshift_sigmas(shift_sigmas(x, shift), shift), x, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="shift"):
+        unshift_sigmas(0.5, 0.0)
+
+
+def test_unshift_of_the_a14b_boundary_by_hand():
+    # 12 u / (1 + 11 u) = 0.875  <=>  u = 0.875 / (12 - 11 * 0.875) = 0.875 / 2.375
+    assert unshift_sigmas(0.875, 12.0) == pytest.approx(0.875 / 2.375, rel=1e-15)

@@ -11,7 +11,6 @@ from distill.teacher_training.flow_losses import (
     flow_matching_loss,
     noisy_latents,
     sample_expert_timesteps,
-    unshift_sigmas,
 )
 from distill.teacher_training.latents import LatentCache, latent_statistics
 from distill.teacher_training.settings import VAEPhase, load_training_config
@@ -24,7 +23,6 @@ from distill.teacher_training.vae_losses import (
 )
 from distill.teacher_training.vae_module import phase_at, warmup_cosine
 from eval.shapes_world import Factors
-from teacher.schedule import shift_sigmas
 from tests.tiny_teacher import TINY
 
 
@@ -52,8 +50,6 @@ def test_expert_timesteps_follow_the_shifted_uniform_law():
     u_b = b / (3.0 - 2.0 * b)
     expected = u_half / u_b
     assert abs(float((sigma <= 0.5).float().mean()) - expected) < 0.01  # ~4 std of a proportion
-    x = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
-    torch.testing.assert_close(shift_sigmas(unshift_sigmas(x, shift), shift), x, rtol=0, atol=1e-12)
 
 
 def test_flow_matching_interpolates_and_scores_the_true_velocity_zero():

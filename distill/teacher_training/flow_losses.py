@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from teacher.schedule import shift_sigmas
-
-
-def unshift_sigmas(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
-    """Inverse of ``teacher.schedule.shift_sigmas``: u with s*u / (1 + (s-1)*u) = sigma."""
-    return sigma / (shift - (shift - 1) * sigma)
+from teacher.schedule import shift_sigmas, unshift_sigmas
 
 
 def expert_sigma_range(expert: str, boundary: float) -> tuple[float, float]:

@@ -30,12 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from distill.teacher_training.flow_losses import unshift_sigmas  # noqa: E402
 from eval.oracle import accuracy  # noqa: E402
 from eval.shapes_world import MOTIONS, Factors, caption, render, sample_spec  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import encode_prompts, video_to_uint8  # noqa: E402
-from teacher.schedule import shift_sigmas  # noqa: E402
+from teacher.schedule import shift_sigmas, unshift_sigmas  # noqa: E402
 
 SWAP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 GRID_Y, GRID_X = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")

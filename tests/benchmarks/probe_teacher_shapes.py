@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe_teacher_direction import clips  # noqa: E402
 
-from distill.teacher_training.flow_losses import unshift_sigmas  # noqa: E402
 from eval.oracle import accuracy  # noqa: E402
 from eval.shapes_world import Factors, caption, sample_spec  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import encode_prompts, video_to_uint8  # noqa: E402
-from teacher.schedule import shift_sigmas  # noqa: E402
+from teacher.schedule import shift_sigmas, unshift_sigmas  # noqa: E402
 
 
 @torch.no_grad()
