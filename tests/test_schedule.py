@@ -169,7 +169,7 @@ def test_bad_timestep_inputs():
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 12.0])
-def test_unshift_inverts_shift_on_tensors_and_floats(shift):
+def test_unshift_inverts_shift_and_rejects_a_bad_shift(shift):
     x = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
     torch.testing.assert_close(shift_sigmas(unshift_sigmas(x, shift), shift), x, rtol=0, atol=1e-12)
     torch.testing.assert_close(unshift_sigmas(shift_sigmas(x, shift), shift), x, rtol=0, atol=1e-12)
