@@ -176,7 +176,7 @@ def test_teacher_is_outside_registry_and_checkpoint(stage_b, tmp_path):
         assert not module.teacher.expert_low.get_parameter(k).requires_grad
 
 
-def test_student_starts_from_low_expert_and_ema_follows(stage_b, causal_teacher):
+def test_student_starts_from_the_init_expert_and_ema_follows(stage_b, causal_teacher):
     module = stage_b["module"]
     # EMA before training = the student's init = the adapted high expert by default (init_expert)
     # (+ zero guidance head).

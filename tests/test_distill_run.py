@@ -13,6 +13,7 @@ from student.paths import default_student_dir, wan_distill_home
 from distill.run import DEFAULT_RECIPE, distill_main, load_config, resolve_student
 from student.checkpoint import load_student
 from student.config import STUDENT_PRESETS, StudentConfig
+from teacher.config import SHAPES
 from tests.tiny_teacher import TINY, tiny_models, write_official
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,6 @@ def test_recipe_errors():
     with pytest.raises(ValueError, match="data.source.folder"):
         load_config(REPO / "configs" / "distill" / "a14b-to-causal-1.3b.yaml")
     # A misspelt expert fails while the recipe is read, before any data or training.
-    from teacher.config import SHAPES
     with pytest.raises(ValueError, match=r"init_expert='hgh' must be one of \['high', 'low'\]"):
         resolve_student(load_config(None, ["init_expert=hgh"]), SHAPES)
 

@@ -1,6 +1,7 @@
 """Stage 3 of teacher training: every caption token learns to carry the caption's factors."""
 
 import math
+
 import lightning as L
 import pytest
 import torch

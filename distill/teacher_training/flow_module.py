@@ -3,8 +3,8 @@
 The text encoder comes from stage 3 (``text_pretraining``) and stays frozen by default, as the
 real teacher's umT5 does; with ``text_lr`` > 0 it is fine-tuned jointly, its gradient coming
 from whichever expert each sample was routed to. A fraction of captions is replaced by the
-empty caption, which is what the sampler's
-unconditional pass (negative prompt "") feeds the experts, so classifier-free guidance works.
+empty caption, which is what the sampler's unconditional pass (negative prompt "") feeds the
+experts, so classifier-free guidance works.
 """
 
 from __future__ import annotations
