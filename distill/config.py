@@ -58,6 +58,28 @@ class ARAdaptationConfig:
 
 
 @dataclass(frozen=True)
+class ODEInitConfig:
+    """Between stages A and B: the student learns the causal teacher's trajectories
+    (``distill.ode_init``). ``max_steps`` 0 skips it; stage B then starts from the stage-A expert
+    (or ``student_init``).
+
+    num_trajectories: items of the latent cache whose prompts the causal teacher samples (None:
+        all), each at a guidance scale ~ U[stage_b.guidance_min, student guidance_max].
+    solver_steps: the teacher's Euler steps per chunk, a multiple of the student's steps (so
+        the student's sigmas are points of the trajectory).
+    """
+
+    max_steps: int = 1500
+    batch_size: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20))
+    num_trajectories: int | None = 512
+    solver_steps: int = 8
+    generate_batch_size: int = 64
+    loss: str = "mse"
+    huber_c: float = 1e-3
+
+
+@dataclass(frozen=True)
 class ConsistencyConfig:
     """Stage B: causal consistency distillation into the student (``distill.consistency``)."""
 
@@ -123,14 +145,15 @@ def check_init_expert(name: str) -> None:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The whole job: data -> stage A (causal teacher) -> stage B (student) -> export.
+    """The whole job: data -> stage A (causal teacher) -> ODE initialisation of the student ->
+    stage B (consistency distillation) -> export.
 
     teacher_dir: the teacher folder; None = the embedded shapes teacher (teacher/weights/shapes).
     student: student preset name (``student.config.STUDENT_PRESETS``).
     student_init: a WanModel folder to initialise the student from (e.g. Wan2.1-T2V-1.3B); None =
         the adapted expert named by ``init_expert`` (the student then has the experts' shape).
-    init_expert: "high" or "low": which stage-A expert starts the student when student_init is
-        None. The high-noise expert is the one that reads the direction word (BENCHMARKS.md).
+    init_expert: "high" or "low": which stage-A expert starts the student (of the ODE
+        initialisation, or of stage B without it) when student_init is None. The high-noise expert is the one that reads the direction word (BENCHMARKS.md).
     output_dir: where the student is exported; None = ``student.paths.default_student_dir``.
     run_dir: checkpoints and the adapted causal teacher; None = ``student.paths.default_run_dir``.
     resume: continue a run found in run_dir (same teacher and settings) from its last checkpoint.
@@ -146,6 +169,7 @@ class DistillConfig:
     resume: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     stage_a: ARAdaptationConfig = field(default_factory=ARAdaptationConfig)
+    ode_init: ODEInitConfig = field(default_factory=ODEInitConfig)
     stage_b: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

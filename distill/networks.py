@@ -3,7 +3,8 @@
 A causal network is a ``student.causal_dit.CausalWanModel`` described by a ``StudentConfig``:
 the causal teacher experts are students without the guidance embedding. Weights come from a
 folder with an official ``config.json`` + safetensors (an expert folder of the teacher, a stage-A
-export, or Wan2.1-T2V-1.3B); the guidance embedding, which no such folder has, starts at zero.
+export, or Wan2.1-T2V-1.3B), whose guidance embedding, which no such folder has, starts at zero;
+or from a student folder that has one (the ODE-initialised student), which keeps it.
 
 The frozen teacher experts live in ``FrozenExperts``, a plain object: assigned to a
 LightningModule attribute it is NOT registered as a submodule, so it stays out of the state dict,
@@ -26,7 +27,11 @@ from distill.sharding import (
     shard_network,
 )
 from student.causal_dit import GUIDANCE_PREFIX, CausalWanModel
-from student.checkpoint import student_from_wan_folder
+from student.checkpoint import (
+    has_guidance_embedding,
+    student_from_wan_folder,
+    student_weights_into,
+)
 from student.config import StudentConfig
 from teacher.config import TeacherConfig
 
@@ -68,10 +73,10 @@ def load_causal_network(config: StudentConfig, folder: str | Path, *, device: to
         trainable: requires_grad and train mode, else frozen and eval.
     """
     folder = Path(folder)
+    keep_guidance = config.guidance_embedding and has_guidance_embedding(folder)
     if mesh is None:
-        model = student_from_wan_folder(folder, config, dtype=dtype_of(dtype), device=device,
-                                        trainable=trainable)
-        return model
+        load = student_weights_into if keep_guidance else student_from_wan_folder
+        return load(folder, config, dtype=dtype_of(dtype), device=device, trainable=trainable)
     with torch.device("meta"):
         model = CausalWanModel.from_config(config)
     if dtype != "fp32":
@@ -82,6 +87,9 @@ def load_causal_network(config: StudentConfig, folder: str | Path, *, device: to
                   activation_checkpointing=activation_checkpointing and trainable,
                   reshard_after_forward=reshard_after_forward, trainable=trainable)
     model.to_empty(device=device)
+    if keep_guidance:
+        load_sharded_weights(model, folder)
+        return model
     load_sharded_weights(model, folder, skip_prefixes=(GUIDANCE_PREFIX,))
     # Zero last layer: the new embedding adds nothing yet (same rule as the unsharded path).
     model.init_guidance_embedding()

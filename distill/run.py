@@ -1,11 +1,14 @@
-"""The distillation job: data -> stage A (causal teacher) -> stage B (student) -> export.
+"""The distillation job: data -> stage A (causal teacher) -> ODE initialisation of the student ->
+stage B (consistency distillation) -> export.
 
 ``distill_main()`` with no arguments runs the shapes recipe (``configs/distill/shapes.yaml``, whose
 values are also ``DistillConfig``'s defaults, so the job runs without the configs folder) on the
 embedded teacher and writes the student where ``wan-distill stream`` / ``eval`` look by default
 (``student.paths.default_student_dir``). Every stage is resumable: the latent cache is complete
-once its manifest exists, stage A once the causal teacher's json exists, and both training stages
-restart from their last checkpoint when the run folder belongs to the same teacher and settings.
+once its manifest exists, stage A once the causal teacher's json exists, the ODE initialisation
+once its student folder exists (its trajectories once their manifest does), and every training
+stage restarts from its last checkpoint when the run folder belongs to the same teacher and
+settings.
 
 Under ``torchrun`` (or a cluster launcher) every rank runs ``distill_main``; Lightning's
 ModelParallelStrategy picks the processes up, and only rank 0 prints and writes shared files.
@@ -51,14 +54,19 @@ from distill.data.latents import (  # noqa: E402
     teacher_fingerprint,
 )
 from distill.export import export_student  # noqa: E402
+from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
+from distill.ode_init import trajectory_grid  # noqa: E402
+from distill.ode_module import ODEInitModule  # noqa: E402
 from student.paths import (  # noqa: E402
     default_latent_cache_dir,
     default_run_dir,
     default_student_dir,
     embedded_teacher_dir,
 )
+from student.checkpoint import STUDENT_CONFIG_FILE  # noqa: E402
 from student.config import StudentConfig, student_config_to_dict, student_preset  # noqa: E402
+from student.sampler import student_sigmas  # noqa: E402
 from teacher.checkpoint import CONFIG_FILE  # noqa: E402
 from teacher.config import A14B, TeacherConfig, teacher_config_from_dict, teacher_config_to_dict  # noqa: E402
 from teacher.weight_files import write_text_atomic  # noqa: E402
@@ -236,9 +244,11 @@ class DistillSummary:
             return f"{int(x // 60)}m{int(x % 60):02d}s"
 
         loss = ", ".join(f"{k} loss {v:.4f}" for k, v in self.losses.items())
+        ode = (f"ODE init {self.steps['ode_init']} steps {clock(s.get('ode_init', 0))}, "
+               if "ode_init" in self.steps else "")
         return (f"distilled in {clock(s.get('total', 0))} (data {clock(s.get('data', 0))}, "
                 f"stage A {self.steps.get('stage_a', 0)} steps {clock(s.get('stage_a', 0))}, "
-                f"stage B {self.steps.get('stage_b', 0)} steps {clock(s.get('stage_b', 0))}"
+                f"{ode}stage B {self.steps.get('stage_b', 0)} steps {clock(s.get('stage_b', 0))}"
                 f"{'; ' + loss if loss else ''}) -> {self.student_dir}")
 
 
@@ -294,13 +304,12 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
     tc = cfg.trainer
+    predict_kwargs = {"accelerator": tc.accelerator, "devices": tc.devices,
+                      "num_nodes": tc.num_nodes, "strategy": make_strategy(tc),
+                      "enable_progress_bar": tc.progress_bar}
     build_latent_cache(cache_dir, cfg.data.source, str(teacher_dir),
                        batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
-                       num_workers=cfg.data.num_workers,
-                       trainer_kwargs={"accelerator": tc.accelerator, "devices": tc.devices,
-                                       "num_nodes": tc.num_nodes,
-                                       "strategy": make_strategy(tc),
-                                       "enable_progress_bar": tc.progress_bar})
+                       num_workers=cfg.data.num_workers, trainer_kwargs=predict_kwargs)
     seconds["data"] = time.perf_counter() - t0
 
     def datamodule(batch_size: int) -> LatentDataModule:
@@ -333,16 +342,53 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     steps["stage_a"] = cfg.stage_a.max_steps
     seconds["stage_a"] = time.perf_counter() - t0
 
+    # ODE initialisation: the student learns the causal teacher's own trajectories.
+    start_b = {"init": cfg.student_init or f"stage-A expert_{cfg.init_expert}"}
+    student_init_b = cfg.student_init
+    if cfg.ode_init.max_steps > 0:
+        t0 = time.perf_counter()
+        o = cfg.ode_init
+        ode_dir = run_dir / "ode_init"
+        ode_student = ode_dir / "student"
+        identity_o = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+                      "student_init": start_b["init"], "ode_init": asdict(o),
+                      "guidance_min": cfg.stage_b.guidance_min}
+        resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
+        if not (resumable and (ode_student / STUDENT_CONFIG_FILE).is_file()):
+            grid = trajectory_grid(o.solver_steps, student.shift,
+                                   student_sigmas(student.steps, student.shift))
+            trajectories = build_trajectories(
+                ode_dir / "trajectories", cache_dir, str(causal_dir), grid,
+                num_items=o.num_trajectories,
+                guidance_range=(cfg.stage_b.guidance_min, student.guidance_max), seed=cfg.seed,
+                batch_size=o.generate_batch_size, teacher_dtype=cfg.parallel.teacher_dtype,
+                num_frames=cfg.data.num_frames, trainer_kwargs=predict_kwargs)
+            L.seed_everything(cfg.seed, verbose=False)
+            module_o = ODEInitModule(str(causal_dir), student_config_to_dict(student),
+                                     grid.sigmas[grid.keep].tolist(), cfg.student_init,
+                                     cfg.init_expert, o, cfg.parallel, cfg.seed)
+            trainer_o = make_trainer(tc, ode_dir, o.max_steps, "ODE init: teacher trajectories")
+            trainer_o.fit(module_o, TrajectoryDataModule(str(trajectories), str(cache_dir),
+                                                         o.batch_size, cfg.seed,
+                                                         cfg.data.num_frames),
+                          ckpt_path=last_checkpoint(ode_dir) if resumable else None)
+            module_o.export_student_folder(ode_student)
+            _barrier()
+            if "loss" in trainer_o.callback_metrics:
+                losses["ODE init"] = float(trainer_o.callback_metrics["loss"])
+        steps["ode_init"] = o.max_steps
+        seconds["ode_init"] = time.perf_counter() - t0
+        start_b, student_init_b = {"ode_init": identity_o}, str(ode_student)
+
     # Stage B: consistency distillation into the student.
     t0 = time.perf_counter()
     stage_b_dir = run_dir / "stage_b"
     identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
-                  "student_init": cfg.student_init or f"stage-A expert_{cfg.init_expert}",
-                  "stage_b": asdict(cfg.stage_b)}
+                  "student_init": start_b, "stage_b": asdict(cfg.stage_b)}
     resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
     L.seed_everything(cfg.seed, verbose=False)
     module_b = ConsistencyDistillationModule(str(causal_dir), student_config_to_dict(student),
-                                             cfg.student_init, cfg.stage_b, cfg.parallel, cfg.seed,
+                                             student_init_b, cfg.stage_b, cfg.parallel, cfg.seed,
                                              init_expert=cfg.init_expert)
     trainer_b = make_trainer(tc, stage_b_dir, cfg.stage_b.max_steps,
                              "stage B: consistency distillation")

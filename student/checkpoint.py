@@ -95,14 +95,31 @@ def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32,
         device: where the weights are placed.
         trainable: False (default) returns the model in eval mode with gradients off.
     """
-    folder = Path(folder)
     config = read_student_config(folder)
+    return student_weights_into(folder, config, dtype=dtype, device=device,
+                                trainable=trainable), config
+
+
+def has_guidance_embedding(folder: str | Path) -> bool:
+    """True for a student folder whose network has a guidance embedding (a distilled or
+    ODE-initialised student), False for an expert-format folder (a Wan DiT, a causal expert)."""
+    folder = Path(folder)
+    return (folder / STUDENT_CONFIG_FILE).is_file() and read_student_config(folder).guidance_embedding
+
+
+def student_weights_into(folder: str | Path, config: StudentConfig, *,
+                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                         trainable: bool = False) -> CausalWanModel:
+    """A student of ``config`` holding the weights of the student folder ``folder``, strictly:
+    every key (guidance embedding included) and every shape. The folder's own sampler settings
+    do not matter, only its DiT (checked against ``config.dit``)."""
+    folder = Path(folder)
     _check_dit_config(folder, config)
     with torch.device("meta"):
         model = CausalWanModel.from_config(config)
     materialize(model, weight_files_in(folder), dtype=dtype, fp32_names=is_student_fp32_island,
                 device=device)
-    return _finish(model, trainable), config
+    return _finish(model, trainable)
 
 
 def student_from_expert_state_dict(config: StudentConfig, state_dict: dict[str, torch.Tensor], *,

@@ -9,7 +9,10 @@ FSDP2 over the two ranks). In one launch, to pay the process start-up once:
    an epoch boundary) with a sharded checkpoint, then a NEW module and Trainer resumed from it
    with ``ckpt_path`` to ``--steps`` -> ``final_resumed.safetensors``;
 4. per rank, the expert chosen at every step of every fit and the intervals it drew ->
-   ``choices_rank<r>.json``.
+   ``choices_rank<r>.json``;
+5. the ODE initialisation: trajectories by a 2-rank predict run, two steps on the sharded
+   student, its sharded export (``ode_student/``), then a stage-B student started from that
+   folder (sharded, lr 0, one step) -> ``stage_b_from_ode.safetensors``.
 
 The tests compare the files; this script asserts only what it must to get there. Inputs (tiny
 teacher folder and latent cache) are prepared by the test process: ``--teacher`` and ``--cache``.
@@ -36,13 +39,18 @@ from distill.ar_adaptation import ARAdaptationModule  # noqa: E402
 from distill.config import (  # noqa: E402
     ARAdaptationConfig,
     ConsistencyConfig,
+    ODEInitConfig,
     OptimConfig,
     ParallelConfig,
 )
 from distill.data.latents import LatentDataModule  # noqa: E402
+from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
+from distill.ode_init import trajectory_grid  # noqa: E402
+from distill.ode_module import ODEInitModule  # noqa: E402
 from distill.sharding import full_state_dict  # noqa: E402
 from student.config import StudentConfig, student_config_to_dict  # noqa: E402
+from student.sampler import student_sigmas  # noqa: E402
 from teacher.config import teacher_config_to_dict  # noqa: E402
 from teacher.weight_files import save_safetensors_atomic  # noqa: E402
 from tests.tiny_teacher import TINY  # noqa: E402
@@ -159,6 +167,35 @@ def main() -> None:
     (out / f"choices_rank{rank}.json").write_text(json.dumps(draws))
     torch.distributed.barrier()
     mark("stage B resumed")
+
+    # 5. ODE initialisation, sharded, and stage B started from its export.
+    grid = trajectory_grid(4, TINY_STUDENT.shift, student_sigmas(TINY_STUDENT.steps,
+                                                                 TINY_STUDENT.shift))
+    trajectories = build_trajectories(
+        out / "trajectories", args.cache, str(causal_dir), grid, num_items=None,
+        guidance_range=(1.0, TINY_STUDENT.guidance_max), seed=3, batch_size=2,
+        trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": ModelParallelStrategy(2, 1),
+                        "enable_progress_bar": False})
+    parallel = ParallelConfig(compute_dtype="bf16", teacher_dtype="bf16", activation_checkpointing=True)
+    L.seed_everything(0, verbose=False)
+    module_o = ODEInitModule(str(causal_dir), student_config_to_dict(TINY_STUDENT),
+                             grid.sigmas[grid.keep].tolist(),
+                             stage=ODEInitConfig(max_steps=2, batch_size=2, optim=QUICK),
+                             parallel=parallel, seed=3)
+    trainer(2).fit(module_o, TrajectoryDataModule(str(trajectories), args.cache, 2, seed=5))
+    assert isinstance(module_o.student.blocks[0].self_attn.q.weight, DTensor), "not sharded"
+    module_o.export_student_folder(out / "ode_student")
+    torch.distributed.barrier()
+    still = ConsistencyConfig(max_steps=0, batch_size=2, num_intervals=6,
+                              optim=OptimConfig(lr=0.0, grad_clip=0.0))
+    module = ConsistencyDistillationModule(str(causal_dir), student_config_to_dict(TINY_STUDENT),
+                                           str(out / "ode_student"), still, parallel, seed=11)
+    trainer(1).fit(module, data())
+    start_b = full_state_dict(module.student)
+    if rank == 0:
+        save_safetensors_atomic(start_b, out / "stage_b_from_ode.safetensors")
+    torch.distributed.barrier()
+    mark("ODE init + stage B from it")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,13 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     overrides = [f"teacher_dir={teacher}", "student=tiny", "data.source.num_clips=4",
                  "data.source.num_frames=5", "data.encode_batch_size=4", "stage_a.max_steps=2",
                  "stage_a.batch_size=2", "stage_b.max_steps=2", "stage_b.batch_size=2",
-                 "stage_b.num_intervals=6", "trainer.progress_bar=false",
-                 "trainer.checkpoint_every_n_steps=1"]
+                 "stage_b.num_intervals=6", "ode_init.max_steps=2", "ode_init.batch_size=2",
+                 "ode_init.num_trajectories=3", "ode_init.generate_batch_size=2",
+                 "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=1"]
     summary = distill_main(None, overrides)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("distilled in ") and str(summary.student_dir) in line
-    assert "stage A 2 steps" in line and "stage B 2 steps" in line
+    assert "stage A 2 steps" in line and "ODE init 2 steps" in line and "stage B 2 steps" in line
     assert summary.student_dir == tmp_path / "home" / "students" / "tiny"
     model, config = load_student(summary.student_dir)
     assert config == tiny and model.guidance_embedding is not None
@@ -105,11 +106,26 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v)
 
-    # Changed stage-B settings: stage A is kept, stage B starts over.
+    # Changed stage-B settings: stage A and the ODE initialisation are kept, stage B starts over
+    # from the ODE-initialised student (lr 0: the online student is still that student, whose
+    # guidance embedding has left zero).
+    ode_student = tmp_path / "home" / "runs" / "tiny" / "ode_init" / "student"
+    ode_stamp = (ode_student / "wan_distill_student.json").stat().st_mtime_ns
     third = distill_main(None, overrides + ["stage_b.optim.lr=0.0"], verbose=False)
     assert (third.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
+    assert (ode_student / "wan_distill_student.json").stat().st_mtime_ns == ode_stamp
     model3, _ = load_student(third.student_dir / "student")
-    high, _ = load_student(third.causal_teacher_dir / "high_noise_model")
-    # lr 0: the online student is still the high-noise expert it started from (init_expert).
-    for k, v in high.state_dict().items():
+    start, _ = load_student(ode_student)
+    assert start.state_dict().keys() == model3.state_dict().keys()
+    for k, v in start.state_dict().items():
         assert torch.equal(model3.state_dict()[k], v)
+    assert start.guidance_embedding[-1].weight.abs().sum() > 0
+
+    # Without the ODE initialisation stage B starts from the high-noise expert (init_expert).
+    fourth = distill_main(None, overrides + ["stage_b.optim.lr=0.0", "ode_init.max_steps=0"],
+                          verbose=False)
+    assert "ode_init" not in fourth.steps
+    model4, _ = load_student(fourth.student_dir / "student")
+    high, _ = load_student(fourth.causal_teacher_dir / "high_noise_model")
+    for k, v in high.state_dict().items():
+        assert torch.equal(model4.state_dict()[k], v)

@@ -69,3 +69,20 @@ def test_sharded_stage_a_export_loads(run):
     model, config = load_student(run["out"] / "causal_teacher" / "high_noise_model")
     assert config.guidance_embedding is False and config.dit == TINY_STUDENT.dit
     assert model.guidance_embedding is None
+
+
+def test_sharded_ode_init_export_starts_stage_b(run):
+    # The ODE-initialised student (trained sharded, exported by a gather) is where stage B's
+    # sharded student starts, guidance embedding included (lr 0: nothing moved it since).
+    from student.checkpoint import load_student
+
+    ode, config = load_student(run["out"] / "ode_student")
+    assert config == TINY_STUDENT and ode.guidance_embedding[-1].weight.abs().sum() > 0
+    start_b = load_file(run["out"] / "stage_b_from_ode.safetensors")
+    assert set(start_b) == set(ode.state_dict())
+    for key, value in ode.state_dict().items():
+        assert torch.equal(start_b[key], value), key
+    # Two steps moved it away from the stage-A expert it started from.
+    init = load_file(run["out"] / "causal_teacher" / "high_noise_model"
+                     / "diffusion_pytorch_model.safetensors")
+    assert sum(not torch.equal(start_b[k], init[k]) for k in init) > len(init) // 2
