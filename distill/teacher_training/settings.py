@@ -94,7 +94,7 @@ class FlowStageConfig:
     """Stage 4: expert_high + expert_low (and the text encoder unless text_lr is 0) trained by
     flow matching."""
 
-    steps: int = 5500
+    steps: int = 12000
     batch_size: int = 16
     lr: float = 1e-3
     # 0 freezes the pretrained text encoder, as the real teacher's umT5 is frozen.
