@@ -53,8 +53,8 @@ from distill.data.latents import (  # noqa: E402
     cache_key,
     teacher_fingerprint,
 )
-from distill.export import export_student  # noqa: E402
 from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
+from distill.export import export_student  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
 from distill.ode_init import trajectory_grid  # noqa: E402
 from distill.ode_module import ODEInitModule  # noqa: E402
@@ -299,17 +299,20 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     steps: dict[str, int] = {}
     losses: dict[str, float] = {}
 
-    # Data: encoded once, reused by both stages and by later runs.
+    # Data: encoded once, reused by every stage and by later runs.
     t0 = time.perf_counter()
     key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
     tc = cfg.trainer
-    predict_kwargs = {"accelerator": tc.accelerator, "devices": tc.devices,
-                      "num_nodes": tc.num_nodes, "strategy": make_strategy(tc),
-                      "enable_progress_bar": tc.progress_bar}
+
+    def predict_kwargs() -> dict:
+        """Trainer arguments of a predict run (a fresh strategy object per Trainer)."""
+        return {"accelerator": tc.accelerator, "devices": tc.devices, "num_nodes": tc.num_nodes,
+                "strategy": make_strategy(tc), "enable_progress_bar": tc.progress_bar}
+
     build_latent_cache(cache_dir, cfg.data.source, str(teacher_dir),
                        batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
-                       num_workers=cfg.data.num_workers, trainer_kwargs=predict_kwargs)
+                       num_workers=cfg.data.num_workers, trainer_kwargs=predict_kwargs())
     seconds["data"] = time.perf_counter() - t0
 
     def datamodule(batch_size: int) -> LatentDataModule:
@@ -362,7 +365,7 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
                 num_items=o.num_trajectories,
                 guidance_range=(cfg.stage_b.guidance_min, student.guidance_max), seed=cfg.seed,
                 batch_size=o.generate_batch_size, teacher_dtype=cfg.parallel.teacher_dtype,
-                num_frames=cfg.data.num_frames, trainer_kwargs=predict_kwargs)
+                num_frames=cfg.data.num_frames, trainer_kwargs=predict_kwargs())
             L.seed_everything(cfg.seed, verbose=False)
             module_o = ODEInitModule(str(causal_dir), student_config_to_dict(student),
                                      grid.sigmas[grid.keep].tolist(), cfg.student_init,
