@@ -78,6 +78,16 @@ class ODEInitConfig:
     loss: str = "mse"
     huber_c: float = 1e-3
 
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"ode_init.max_steps={self.max_steps} must be >= 0 (0 skips the stage)")
+        if self.batch_size < 1 or self.generate_batch_size < 1:
+            raise ValueError(f"ode_init.batch_size={self.batch_size} and generate_batch_size="
+                             f"{self.generate_batch_size} must be >= 1")
+        if self.num_trajectories is not None and self.num_trajectories < self.batch_size:
+            raise ValueError(f"ode_init.num_trajectories={self.num_trajectories} must be >= "
+                             f"ode_init.batch_size={self.batch_size} (or null: every cached prompt)")
+
 
 @dataclass(frozen=True)
 class ConsistencyConfig:

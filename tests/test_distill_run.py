@@ -58,6 +58,8 @@ def test_recipe_errors():
         load_config("/nonexistent.yaml")
     with pytest.raises(ValueError, match="data.source.folder"):
         load_config(REPO / "configs" / "distill" / "a14b-to-causal-1.3b.yaml")
+    with pytest.raises(ValueError, match="ode_init.num_trajectories=8 must be >= ode_init.batch_size=16"):
+        load_config(None, ["ode_init.num_trajectories=8"])
     # A misspelt expert fails while the recipe is read, before any data or training.
     with pytest.raises(ValueError, match=r"init_expert='hgh' must be one of \['high', 'low'\]"):
         resolve_student(load_config(None, ["init_expert=hgh"]), SHAPES)
