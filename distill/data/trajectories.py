@@ -171,7 +171,7 @@ class TrajectoryDataset(Dataset):
 
     Items: {"states" float32 [K, C, F, H, W], "ends" float32 [C, F, H, W], "guidance" float32
     scalar, "context" float32 [L, D], "index" int}; one per cache index (the padding repeats a
-    DistributedSampler adds are dropped), in index order. ``sigmas`` [K] come from the manifest.
+    DistributedSampler adds are dropped), in index order.
     """
 
     def __init__(self, folder: str | os.PathLike, latent_cache: str | os.PathLike,
@@ -181,7 +181,6 @@ class TrajectoryDataset(Dataset):
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} is not a complete trajectory folder (no "
                                     f"{MANIFEST_FILE}); build it with build_trajectories")
-        self.sigmas = torch.tensor(json.loads(manifest.read_text())["sigmas"], dtype=torch.float64)
         rows: dict[int, dict[str, torch.Tensor]] = {}
         for shard in sorted(self.folder.glob("shard-*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
