@@ -166,6 +166,31 @@ def test_config_errors_name_the_key():
         load_training_config({"flow": {"text_lr": -0.1}})
     with pytest.raises(ValueError, match=r"\[text\].*unknown key.*'lrr'"):
         load_training_config({"text": {"lrr": 1.0}})
+    with pytest.raises(ValueError, match="parallel_experts needs text_lr 0.*parallel_experts: false"):
+        load_training_config({"flow": {"text_lr": 1e-4}})
+    load_training_config({"flow": {"text_lr": 1e-4, "parallel_experts": False}})
+
+
+def test_expert_batch_shares_and_module_expert_choice():
+    from distill.teacher_training.flow_module import FlowTeacherModule, expert_batch_sizes
+    from distill.teacher_training.settings import FlowStageConfig
+
+    assert expert_batch_sizes(16, 0.5) == (8, 8)
+    assert expert_batch_sizes(3, 0.5) == (2, 1)
+    assert expert_batch_sizes(2, 0.9) == (1, 1)  # each expert keeps one sample
+    with pytest.raises(ValueError, match="batch_size=1 must be >= 2"):
+        expert_batch_sizes(1, 0.5)
+    empty = torch.zeros(TINY.dit.text_len, dtype=torch.long)
+    low = FlowTeacherModule(TINY, FlowStageConfig(), empty, empty, experts=("low",))
+    assert hasattr(low, "expert_low") and not hasattr(low, "expert_high")
+    optimizer = low.configure_optimizers()["optimizer"]
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {
+        id(p) for p in low.expert_low.parameters()}
+    with pytest.raises(ValueError, match="non-empty subset"):
+        FlowTeacherModule(TINY, FlowStageConfig(), empty, empty, experts=("mid",))
+    with pytest.raises(ValueError, match="text_lr=0.1 fine-tunes the text encoder through both"):
+        FlowTeacherModule(TINY, FlowStageConfig(text_lr=0.1, parallel_experts=False), empty, empty,
+                          experts=("high",))
 
 
 def test_shipped_recipe_equals_the_config_defaults():
@@ -192,7 +217,7 @@ TINY_RUN = {
     "latents": {"num_videos": 6, "batch_size": 3},
     "text": {"steps": 2, "batch_size": 4},
     "flow": {"steps": 2, "batch_size": 3, "warmup_steps": 1, "ema_start_step": 0,
-             "checkpoint_every": 1},
+             "checkpoint_every": 1, "parallel_experts": False},
     "sampling": {"frames": 5, "width": 64, "height": 64},
 }
 TINY_ARCH = replace(TINY, vae=replace(TINY.vae, dim=4, num_res_blocks=1))
@@ -286,6 +311,50 @@ def test_interrupted_flow_stage_resumes_from_its_last_checkpoint(tiny_run, monke
                   teacher_config=TINY_ARCH)
     # The EMA weights come back from the checkpoint, not from the raw (non-averaged) weights.
     assert (flow / "expert_low.safetensors").read_bytes() == shipped
+
+
+def test_parallel_experts_train_in_their_own_processes_what_one_process_trains(tmp_path):
+    from safetensors.torch import load_file
+
+    from distill.teacher_training.run import fit_flow_experts, train_teacher
+    from teacher.checkpoint import load_teacher
+
+    run = {**TINY_RUN, "flow": {**TINY_RUN["flow"], "parallel_experts": True}}
+    work = tmp_path / "work"
+    summary = train_teacher(run, tmp_path / "out", work_dir=work, progress=False,
+                            teacher_config=TINY_ARCH)
+    models = load_teacher(tmp_path / "out")
+    for name in ("high", "low"):
+        assert (work / "flow" / name / "checkpoints" / "last.ckpt").is_file()
+    reports = {name: json.loads((work / "flow" / name / "report.json").read_text())["final_metrics"]
+               for name in ("high", "low")}
+    # batch 3 at high_fraction 0.5: two samples per step for expert_high, one for expert_low
+    assert summary["flow"]["flow/loss"] == pytest.approx(
+        (2 * reports["high"]["flow/loss_high"] + reports["low"]["flow/loss_low"]) / 3)
+
+    # Replaying expert_low's training in this process (one thread, as its process had) gives
+    # the shipped weights: the spawned process ran this function with this seed and nothing else.
+    text_state = load_file(str(work / "text" / "text_encoder.safetensors"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        replay, _ = fit_flow_experts(load_training_config(run), models.config, 3, tmp_path / "replay",
+                                     LatentCache.load(work / "latents"), text_state, ("low",), False)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in models.expert_low.state_dict().items():
+        torch.testing.assert_close(value, replay["expert_low"][key], rtol=0, atol=1e-6)
+    for key, value in models.text_encoder.state_dict().items():
+        assert torch.equal(value, text_state[key]), key  # frozen, shipped as stage 3 wrote it
+
+    # An interruption after expert_low's last step: the rerun resumes its process from its last
+    # checkpoint (no step left to run) and writes the same EMA weights.
+    shipped = (work / "flow" / "expert_low.safetensors").read_bytes()
+    for path in ("report.json", "expert_low.safetensors", "low/report.json",
+                 "low/expert_low.safetensors"):
+        (work / "flow" / path).unlink()
+    train_teacher(run, tmp_path / "out", work_dir=work, progress=False, teacher_config=TINY_ARCH)
+    assert (work / "flow" / "expert_low.safetensors").read_bytes() == shipped
 
 
 def test_evaluate_reports_every_language_and_factor(tiny_run):

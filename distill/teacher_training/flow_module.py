@@ -29,37 +29,60 @@ from teacher.dit import WanModel
 from teacher.t5 import UMT5Encoder
 
 
+EXPERTS = ("high", "low")
+
+
+def expert_batch_sizes(batch_size: int, high_fraction: float) -> tuple[int, int]:
+    """(samples for expert_high, samples for expert_low) of a step of ``batch_size``; each >= 1."""
+    if batch_size < 2:
+        raise ValueError(f"flow.batch_size={batch_size} must be >= 2 (one sample per expert)")
+    n_high = min(batch_size - 1, max(1, round(batch_size * high_fraction)))
+    return n_high, batch_size - n_high
+
+
 class FlowTeacherModule(L.LightningModule):
-    """Trains ``expert_high`` and ``expert_low`` from scratch (and ``text_encoder`` if text_lr > 0).
+    """Trains ``expert_high`` and/or ``expert_low`` from scratch (and ``text_encoder`` if
+    text_lr > 0).
 
     Batches (from ``CaptionedLatents``): x0 [B, z_dim, F, h, w] normalised latents, ids/mask
-    [B, text_len] caption tokens. Per step the first round(B * high_fraction) samples go to
-    expert_high with t in [boundary*1000, 999], the rest to expert_low with t below; the loss is
-    the flow-matching MSE averaged over the whole batch.
+    [B, text_len] caption tokens. With both experts, the first ``expert_batch_sizes(B)[0]``
+    samples of a step go to expert_high with t in [boundary*1000, 999], the rest to expert_low
+    with t below; the loss is the flow-matching MSE averaged over the whole batch. With one
+    expert (``experts=("low",)``, say) the whole batch goes to it: the flow stage trains the two
+    in parallel processes that way, since with a frozen text encoder they share nothing.
 
     Args:
         config: the teacher's architecture and sampling defaults (boundary).
         stage: run knobs.
         empty_ids, empty_mask: [text_len] tokens of the empty caption (EOS alone).
         text_encoder_state: the pretrained text encoder's weights; None starts it from scratch.
+        experts: the experts this module trains, a non-empty subset of ("high", "low").
     """
 
     def __init__(self, config: TeacherConfig, stage: FlowStageConfig, empty_ids: torch.Tensor,
-                 empty_mask: torch.Tensor, text_encoder_state: dict | None = None):
+                 empty_mask: torch.Tensor, text_encoder_state: dict | None = None,
+                 experts: tuple[str, ...] = EXPERTS):
         super().__init__()
         if not 0.0 < stage.high_fraction < 1.0:
             raise ValueError(f"flow.high_fraction={stage.high_fraction} must be in (0, 1): both "
                              f"experts need samples every step")
         if not 0.0 <= stage.caption_dropout < 1.0:
             raise ValueError(f"flow.caption_dropout={stage.caption_dropout} must be in [0, 1)")
-        self.save_hyperparameters({"stage": asdict(stage), "teacher": config.name})
-        self.config, self.stage = config, stage
+        experts = tuple(experts)
+        if not experts or len(set(experts)) != len(experts) or not set(experts) <= set(EXPERTS):
+            raise ValueError(f"experts={experts} must be a non-empty subset of {EXPERTS}")
+        if len(experts) == 1 and stage.text_lr > 0:
+            raise ValueError(f"flow.text_lr={stage.text_lr} fine-tunes the text encoder through both "
+                             f"experts, so one module must train both; got experts={experts}")
+        self.save_hyperparameters({"stage": asdict(stage), "teacher": config.name,
+                                   "experts": list(experts)})
+        self.config, self.stage, self.experts = config, stage, experts
         self.text_encoder = UMT5Encoder(**asdict(config.t5))
         if text_encoder_state is not None:
             self.text_encoder.load_state_dict(text_encoder_state)
         self.text_encoder.requires_grad_(stage.text_lr > 0)
-        self.expert_high = WanModel(**asdict(config.dit))
-        self.expert_low = WanModel(**asdict(config.dit))
+        for name in experts:
+            setattr(self, f"expert_{name}", WanModel(**asdict(config.dit)))
         # Buffers so they follow the module's device; not persistent: rebuilt from the tokenizer.
         self.register_buffer("empty_ids", empty_ids.clone(), persistent=False)
         self.register_buffer("empty_mask", empty_mask.clone(), persistent=False)
@@ -75,14 +98,16 @@ class FlowTeacherModule(L.LightningModule):
         """Flow-matching losses for a batch; ``loss`` (batch mean), ``loss_high``, ``loss_low``."""
         s, sampling = self.stage, self.config.sampling
         batch = x0.shape[0]
-        n_high = min(batch - 1, max(1, round(batch * s.high_fraction)))
+        n_high = expert_batch_sizes(batch, s.high_fraction)[0] if len(self.experts) == 2 else 0
+        routed = {"high": slice(0, n_high), "low": slice(n_high, batch)}
+        if len(self.experts) == 1:
+            routed = {self.experts[0]: slice(0, batch)}
         context = context_from_ids(self.text_encoder, ids, mask)
         noise = torch.randn_like(x0)
         per_sample = []
         terms = {}
-        for name, expert, rows in (("high", self.expert_high, slice(0, n_high)),
-                                   ("low", self.expert_low, slice(n_high, batch))):
-            n = rows.stop - rows.start
+        for name, rows in routed.items():
+            expert, n = getattr(self, f"expert_{name}"), rows.stop - rows.start
             sigma, t = sample_expert_timesteps(n, name, sampling.boundary, s.train_shift,
                                                sampling.num_train_timesteps)
             sigma, t = sigma.to(x0.device), t.to(x0.device)
@@ -101,11 +126,14 @@ class FlowTeacherModule(L.LightningModule):
 
     def configure_optimizers(self):
         s = self.stage
-        groups = [{"params": list(self.expert_high.parameters()) + list(self.expert_low.parameters()),
-                   "lr": s.lr}]
+        params = [p for name in self.experts for p in getattr(self, f"expert_{name}").parameters()]
+        groups = [{"params": params, "lr": s.lr}]
         if s.text_lr > 0:
             groups.append({"params": list(self.text_encoder.parameters()), "lr": s.text_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.99))
+        # fused: one kernel for all parameters instead of ~10 ops per tensor; the tiny experts'
+        # step on a CPU spends a tenth of its time in the optimizer otherwise.
+        optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.99),
+                                      fused=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, s.steps, s.warmup_steps, s.final_lr_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -116,8 +144,8 @@ class LatentDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: CaptionedLatents, batch_size: int, seed: int):
         super().__init__()
-        if batch_size < 2:
-            raise ValueError(f"flow.batch_size={batch_size} must be >= 2 (one sample per expert)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:

@@ -6,7 +6,8 @@
 2. ``latents``: the world encoded once; its statistics become latents_mean / latents_std.
 3. ``text``: the text encoder pretrained so every caption token carries the caption's factors.
 4. ``flow``: expert_high + expert_low by flow matching on the frozen text encoder (EMA weights
-   are shipped).
+   are shipped); with ``flow.parallel_experts`` each expert trains in its own process, resumable
+   from its own folder (``flow/high``, ``flow/low``).
 
 Every stage writes its result into ``work_dir`` and is skipped when that result exists; an
 interrupted Lightning stage resumes from its ``last.ckpt``. The teacher is written to ``out_dir``
@@ -32,7 +33,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from distill.data.shapes import ShapesWorldDataModule
-from distill.teacher_training.flow_module import FlowTeacherModule, LatentDataModule
+from distill.teacher_training.flow_module import (
+    EXPERTS,
+    FlowTeacherModule,
+    LatentDataModule,
+    expert_batch_sizes,
+)
 from distill.teacher_training.latents import (
     LATENTS_FILE,
     CaptionedLatents,
@@ -213,6 +219,94 @@ def run_text_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: 
     return encoder.state_dict(), report
 
 
+def fit_flow_experts(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int,
+                     stage_dir: Path, cache: LatentCache, text_state: dict,
+                     experts: tuple[str, ...], progress: bool) -> tuple[dict, dict]:
+    """Train ``experts`` (both, or one) by flow matching in this process, resuming from
+    ``stage_dir``'s last checkpoint; returns ({"text_encoder" and "expert_<name>": EMA
+    state_dict}, final metrics).
+
+    One expert gets a whole batch of its share of ``flow.batch_size`` per step, so the recipe's
+    samples per expert per step are the same whether the experts train together or apart.
+    """
+    s = config.flow
+    share = dict(zip(EXPERTS, expert_batch_sizes(s.batch_size, s.high_fraction)))
+    batch_size = s.batch_size if len(experts) == 2 else share[experts[0]]
+    # Each expert trained apart draws its own noise, timesteps and batches.
+    offset = 0 if len(experts) == 2 else 1 + EXPERTS.index(experts[0])
+    L.seed_everything(seed + 1 + offset, verbose=False)
+    tokenizer = ByteTokenizer()
+    text_len = teacher.dit.text_len
+    dataset = CaptionedLatents(cache, teacher.vae.latents_mean, teacher.vae.latents_std, tokenizer,
+                               text_len)
+    empty_ids, empty_mask = tokenize_captions(tokenizer, [""], text_len)
+    module = FlowTeacherModule(teacher, s, empty_ids[0], empty_mask[0], text_state, experts)
+    ema = EMAWeightAveraging(decay=s.ema_decay, update_starting_at_step=s.ema_start_step)
+    trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress, callbacks=[ema],
+                       grad_clip=s.grad_clip)
+    trainer.fit(module, LatentDataModule(dataset, batch_size, seed + offset),
+                ckpt_path=_resume_path(stage_dir))
+    # The averaged weights, taken the way the callback writes them into a checkpoint: fit copies
+    # them into the module only when its loop runs, not when it resumes at max_steps.
+    checkpoint = {"state_dict": module.state_dict()}
+    ema.on_save_checkpoint(trainer, module, checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    module = module.cpu()
+    states = {part: getattr(module, part).state_dict()
+              for part in ("text_encoder", *(f"expert_{name}" for name in experts))}
+    return states, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _expert_process(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int, work: Path,
+                    expert: str, progress: bool, num_threads: int) -> None:
+    """One expert's flow training in a child process; writes its EMA weights and final metrics
+    into work/flow/<expert>/ (skipped when they are there)."""
+    torch.set_num_threads(num_threads)
+    expert_dir = work / "flow" / expert
+    weights = expert_dir / f"expert_{expert}.safetensors"
+    if _read_report(expert_dir) is not None and weights.is_file():
+        return
+    cache = LatentCache.load(work / "latents")
+    text_state = load_file(str(work / "text" / TEXT_WEIGHTS))
+    states, metrics = fit_flow_experts(config, teacher, seed, expert_dir, cache, text_state,
+                                       (expert,), progress)
+    save_safetensors_atomic(states[f"expert_{expert}"], weights)
+    write_text_atomic(json.dumps({"expert": expert, "final_metrics": metrics}, indent=2),
+                      expert_dir / STAGE_REPORT)
+
+
+def _fit_experts_in_parallel(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int,
+                             work: Path, progress: bool) -> tuple[dict, dict]:
+    """Both experts at once, one process each with half the threads; only expert_high's process
+    shows a progress bar (the two advance at the same pace)."""
+    threads = max(1, config.num_threads // 2)
+    context = torch.multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_expert_process, name=f"flow-{name}",
+                                 args=(config, teacher, seed, work, name, progress and name == "high",
+                                       threads))
+                 for name in EXPERTS]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"flow stage: {', '.join(failed)} failed, see the error printed above; "
+                           f"rerun the same command to resume from the checkpoints in {work / 'flow'}")
+    states, metrics = {}, {}
+    for name in EXPERTS:
+        expert_dir = work / "flow" / name
+        states[f"expert_{name}"] = load_file(str(expert_dir / f"expert_{name}.safetensors"))
+        found = _read_report(expert_dir)["final_metrics"]
+        # Absent when the process resumed with no step left to run: nothing was measured.
+        metrics[f"flow/loss_{name}"] = found.get(f"flow/loss_{name}", float("nan"))
+    metrics["flow/loss"] = sum(metrics[f"flow/loss_{name}"] * share for name, share in
+                               zip(EXPERTS, expert_batch_sizes(config.flow.batch_size,
+                                                               config.flow.high_fraction))
+                               ) / config.flow.batch_size
+    return states, metrics
+
+
 def run_flow_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int, work: Path,
                    cache: LatentCache, text_state: dict, progress: bool) -> tuple[dict, dict]:
     """Stage 4; returns ({part: state_dict} of the EMA weights, report)."""
@@ -223,27 +317,14 @@ def run_flow_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: 
         return {part: load_file(str(f)) for part, f in files.items()}, report
     s = config.flow
     start, cpu_start = time.perf_counter(), time.process_time()
-    L.seed_everything(seed + 1, verbose=False)
-    tokenizer = ByteTokenizer()
-    text_len = teacher.dit.text_len
-    dataset = CaptionedLatents(cache, teacher.vae.latents_mean, teacher.vae.latents_std, tokenizer,
-                               text_len)
-    empty_ids, empty_mask = tokenize_captions(tokenizer, [""], text_len)
-    module = FlowTeacherModule(teacher, s, empty_ids[0], empty_mask[0], text_state)
-    ema = EMAWeightAveraging(decay=s.ema_decay, update_starting_at_step=s.ema_start_step)
-    trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress, callbacks=[ema],
-                       grad_clip=s.grad_clip)
-    trainer.fit(module, LatentDataModule(dataset, s.batch_size, seed), ckpt_path=_resume_path(stage_dir))
-    # The averaged weights, taken the way the callback writes them into a checkpoint: fit copies
-    # them into the module only when its loop runs, not when it resumes at max_steps.
-    checkpoint = {"state_dict": module.state_dict()}
-    ema.on_save_checkpoint(trainer, module, checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    module = module.cpu()
-    states = {part: getattr(module, part).state_dict() for part in FLOW_PARTS}
+    if s.parallel_experts:
+        experts, metrics = _fit_experts_in_parallel(config, teacher, seed, work, progress)
+        states = {"text_encoder": text_state, **experts}  # frozen: text_lr is 0 in this mode
+    else:
+        states, metrics = fit_flow_experts(config, teacher, seed, stage_dir, cache, text_state,
+                                           EXPERTS, progress)
     for part, state in states.items():
         save_safetensors_atomic(state, files[part])
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report = {"stage": "flow", "steps": s.steps, "wall_s": time.perf_counter() - start,
               "train_cpu_s": time.process_time() - cpu_start, "final_metrics": metrics}
     write_text_atomic(json.dumps(report, indent=2), stage_dir / STAGE_REPORT)
