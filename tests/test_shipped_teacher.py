@@ -1,7 +1,7 @@
 """The shapes-world teacher shipped in teacher/weights/shapes: strict load, official layout, and
 what its videos get right (the issue's exact command, then both languages from Python).
 
-The shipped teacher (run 5) renders the captioned object, colour and direction in most videos
+The shipped teacher (run 6) renders the captioned object, colour and direction in most videos
 (BENCHMARKS.md, "Shapes teacher"); squares are its weakest value. These tests hold it to the
 object and its colour for fixed seeds, and over a fixed set of prompts to every factor.
 """
