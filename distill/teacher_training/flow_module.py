@@ -98,9 +98,10 @@ class FlowTeacherModule(L.LightningModule):
         """Flow-matching losses for a batch; ``loss`` (batch mean), ``loss_high``, ``loss_low``."""
         s, sampling = self.stage, self.config.sampling
         batch = x0.shape[0]
-        n_high = expert_batch_sizes(batch, s.high_fraction)[0] if len(self.experts) == 2 else 0
-        routed = {"high": slice(0, n_high), "low": slice(n_high, batch)}
-        if len(self.experts) == 1:
+        if len(self.experts) == 2:
+            n_high = expert_batch_sizes(batch, s.high_fraction)[0]
+            routed = {"high": slice(0, n_high), "low": slice(n_high, batch)}
+        else:
             routed = {self.experts[0]: slice(0, batch)}
         context = context_from_ids(self.text_encoder, ids, mask)
         noise = torch.randn_like(x0)
