@@ -2,6 +2,7 @@
 end-to-end run (two steps per Lightning stage) that writes a folder ``load_teacher`` reads."""
 
 import json
+import shutil
 from dataclasses import asdict, replace
 
 import pytest
@@ -355,6 +356,16 @@ def test_parallel_experts_train_in_their_own_processes_what_one_process_trains(t
         (work / "flow" / path).unlink()
     train_teacher(run, tmp_path / "out", work_dir=work, progress=False, teacher_config=TINY_ARCH)
     assert (work / "flow" / "expert_low.safetensors").read_bytes() == shipped
+
+    # One thread: the experts' processes take turns and train the same weights (the flow stage
+    # alone is rerun; the earlier stages' results depend on their thread count).
+    concurrent = {name: (work / "flow" / f"expert_{name}.safetensors").read_bytes()
+                  for name in ("high", "low")}
+    shutil.rmtree(work / "flow")
+    train_teacher({**run, "num_threads": 1}, tmp_path / "out", work_dir=work, progress=False,
+                  teacher_config=TINY_ARCH)
+    for name, weights in concurrent.items():
+        assert (work / "flow" / f"expert_{name}.safetensors").read_bytes() == weights, name
 
 
 def test_evaluate_reports_every_language_and_factor(tiny_run):

@@ -278,15 +278,19 @@ def _expert_process(config: TeacherTrainingConfig, teacher: TeacherConfig, seed:
 def _fit_experts_in_parallel(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: int,
                              work: Path, progress: bool) -> tuple[dict, dict]:
     """Both experts at once, one process each with half the threads; only expert_high's process
-    shows a progress bar (the two advance at the same pace)."""
+    shows a progress bar (the two advance at the same pace). With num_threads 1 the two
+    processes run one after the other: the same weights, within the thread budget."""
+    concurrent = config.num_threads >= 2
     threads = max(1, config.num_threads // 2)
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=_expert_process, name=f"flow-{name}",
-                                 args=(config, teacher, seed, work, name, progress and name == "high",
-                                       threads))
+                                 args=(config, teacher, seed, work, name,
+                                       progress and (name == "high" or not concurrent), threads))
                  for name in EXPERTS]
     for process in processes:
         process.start()
+        if not concurrent:
+            process.join()
     for process in processes:
         process.join()
     failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
