@@ -67,9 +67,13 @@ class ODEInitConfig:
         all), each at a guidance scale ~ U[stage_b.guidance_min, student guidance_max].
     solver_steps: the teacher's Euler steps per chunk, a multiple of the student's steps (so
         the student's sigmas are points of the trajectory).
+    max_steps: the one network's steps, or the high-noise network's of a two-network student;
+        max_steps_low: the low-noise network's (None: max_steps). Its job is easier: its loss
+        settles within a few hundred steps on the shapes world (0.007 against 0.10).
     """
 
-    max_steps: int = 1500
+    max_steps: int = 1000
+    max_steps_low: int | None = 500
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20))
     num_trajectories: int | None = 512
@@ -81,6 +85,9 @@ class ODEInitConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"ode_init.max_steps={self.max_steps} must be >= 0 (0 skips the stage)")
+        if self.max_steps_low is not None and self.max_steps_low < 1:
+            raise ValueError(f"ode_init.max_steps_low={self.max_steps_low} must be >= 1 (or null: "
+                             f"max_steps)")
         if self.batch_size < 1 or self.generate_batch_size < 1:
             raise ValueError(f"ode_init.batch_size={self.batch_size} and generate_batch_size="
                              f"{self.generate_batch_size} must be >= 1")
@@ -88,12 +95,22 @@ class ODEInitConfig:
             raise ValueError(f"ode_init.num_trajectories={self.num_trajectories} must be >= "
                              f"ode_init.batch_size={self.batch_size} (or null: every cached prompt)")
 
+    def steps_of(self, network: str | None) -> int:
+        """Training steps of ``network`` ("high", "low", or None for a one-network student)."""
+        if network == "low" and self.max_steps_low is not None:
+            return self.max_steps_low
+        return self.max_steps
+
 
 @dataclass(frozen=True)
 class ConsistencyConfig:
     """Stage B: causal consistency distillation into the student (``distill.consistency``)."""
 
-    max_steps: int = 300
+    max_steps: int = 200  # per network trained
+    # For a two-network student: the networks stage B trains; the others keep their
+    # ODE-initialised weights. On the shapes world stage B gained the high-noise network 1 point
+    # of joint accuracy and cost the low-noise one 2.5 (BENCHMARKS.md, "Two-expert student").
+    networks: tuple[str, ...] = ("high",)
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
     num_intervals: int = 48  # N of the discretised teacher schedule
@@ -105,6 +122,11 @@ class ConsistencyConfig:
     per_chunk_intervals: bool = True
     guidance_min: float = 1.0  # student guidance ~ U[guidance_min, student preset guidance_max]
     export_weights: str = "ema"  # which weights the exported student folder's top level holds
+
+    def __post_init__(self) -> None:
+        if not self.networks or not set(self.networks) <= {"high", "low"}:
+            raise ValueError(f"stage_b.networks={list(self.networks)} must name 'high' and/or "
+                             f"'low' (the networks of a two-network student stage B trains)")
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,11 @@ class DistillConfig:
         the adapted expert named by ``init_expert`` (the student then has the experts' shape).
     init_expert: "high" or "low": which stage-A expert starts the student (of the ODE
         initialisation, or of stage B without it) when student_init is None. The high-noise expert is the one that reads the direction word (BENCHMARKS.md).
+    split_experts: the student is two networks, one per teacher expert (``student.moe``): the
+        high-noise one runs the steps above the teacher's boundary, each is started from its own
+        adapted expert (``init_expert`` is then not used) and trained on its own noise levels.
+        One network of an expert's size drew every square round on the shapes world
+        (BENCHMARKS.md, "Two-expert student").
     output_dir: where the student is exported; None = ``student.paths.default_student_dir``.
     run_dir: checkpoints and the adapted causal teacher; None = ``student.paths.default_run_dir``.
     resume: continue a run found in run_dir (same teacher and settings) from its last checkpoint.
@@ -173,6 +200,7 @@ class DistillConfig:
     student: str = "shapes"
     student_init: str | None = None
     init_expert: str = "high"
+    split_experts: bool = True
     output_dir: str | None = None
     run_dir: str | None = None
     seed: int = 0

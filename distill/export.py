@@ -22,8 +22,9 @@ import torch
 
 from distill.sharding import full_state_dict
 from student.causal_dit import CausalWanModel
-from student.checkpoint import save_student
+from student.checkpoint import load_student, save_moe_student, save_student
 from student.config import StudentConfig
+from student.moe import MoEStudent
 from teacher.weight_files import write_text_atomic
 
 EXPORT_FILE = "wan_distill_export.json"
@@ -63,6 +64,32 @@ def export_student(student: torch.nn.Module, ema_student: torch.nn.Module, confi
     other = "student" if main == "ema" else "ema"
     save_student(folder, _plain_model(states[main], config), config)
     save_student(folder / other, _plain_model(states[other], config), config)
+    write_text_atomic(json.dumps({"main": main, other: f"{other}/", **(info or {})}, indent=2,
+                                 ensure_ascii=False), folder / EXPORT_FILE)
+    return folder
+
+
+def export_moe_student(network_weights: dict[str, tuple[Path, Path]], config: StudentConfig,
+                       folder: str | Path, *, main: str = "ema", info: dict | None = None) -> Path:
+    """Join a two-network student's networks into one two-network export.
+
+    ``network_weights`` maps "high"/"low" to (the student folder of its ``main`` weights, the
+    student folder of its other weights): for a network stage B trained, the top level and the
+    subfolder of its ``export_student`` folder; for one it did not train, its starting folder
+    twice. ``folder`` gets the ``export_student`` layout with two-network students
+    (``student.checkpoint.save_moe_student``): the ``main`` weights on top, the others in
+    ``<other>/``. Rank 0 only.
+    """
+    if main not in WEIGHT_CHOICES:
+        raise ValueError(f"main={main!r} must be one of {list(WEIGHT_CHOICES)}")
+    if config.boundary is None:
+        raise ValueError(f"student config {config.name!r} has no boundary: it is one network")
+    folder = Path(folder)
+    other = "student" if main == "ema" else "ema"
+    for which, target in ((0, folder), (1, folder / other)):
+        nets = {name: load_student(paths[which])[0] for name, paths in network_weights.items()}
+        save_moe_student(target, MoEStudent(nets["high"], nets["low"], config.boundary,
+                                            config.num_train_timesteps), config)
     write_text_atomic(json.dumps({"main": main, other: f"{other}/", **(info or {})}, indent=2,
                                  ensure_ascii=False), folder / EXPORT_FILE)
     return folder

@@ -17,6 +17,7 @@ the networks, the optimiser, the EMA and the random draws:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from distill.networks import FrozenExperts, ema_copy, load_causal_network
 from distill.sharding import paired_local_tensors, reshard_all
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig, student_config_from_dict
+from student.moe import boundary_timestep, route_by_timestep
 
 
 class ConsistencyDistillationModule(L.LightningModule):
@@ -50,19 +52,31 @@ class ConsistencyDistillationModule(L.LightningModule):
             equal to it).
         init_expert: "high" or "low".
         stage, parallel, seed: run knobs (``distill.config``).
+        expert: None trains one network over the whole schedule. "high" / "low" trains that
+            network of a two-network student (``student.moe``) on its own intervals only; a
+            target past the boundary (expert_high's last interval) then comes from
+            ``partner_init``, the other network's finished folder, frozen.
     Batches: latents [B, C, F, H, W], context [B, L, D], context_neg [1, L, D].
     """
 
     def __init__(self, causal_teacher_dir: str, student: dict, student_init: str | None = None,
                  stage: ConsistencyConfig = ConsistencyConfig(),
                  parallel: ParallelConfig = ParallelConfig(), seed: int = 0,
-                 init_expert: str = "high"):
+                 init_expert: str = "high", expert: str | None = None,
+                 partner_init: str | None = None):
         super().__init__()
         self.save_hyperparameters({"causal_teacher_dir": causal_teacher_dir, "student": student,
                                    "student_init": student_init, "init_expert": init_expert,
                                    "stage": asdict(stage),
-                                   "parallel": asdict(parallel), "seed": seed})
+                                   "parallel": asdict(parallel), "seed": seed, "expert": expert,
+                                   "partner_init": partner_init})
         check_init_expert(init_expert)
+        if expert is not None:
+            check_init_expert(expert)
+        if expert == "high" and partner_init is None:
+            raise ValueError("the high-noise network's last interval ends in the low-noise range: "
+                             "pass partner_init, the trained low-noise network's folder")
+        self.expert, self.partner_init = expert, partner_init
         if stage.loss not in LOSS_KINDS:
             raise ValueError(f"stage_b.loss={stage.loss!r} must be one of {list(LOSS_KINDS)}")
         if stage.teacher_solver not in TEACHER_SOLVERS:
@@ -89,6 +103,7 @@ class ConsistencyDistillationModule(L.LightningModule):
         self.student: CausalWanModel | None = None
         self.ema_student: CausalWanModel | None = None
         self._teacher: FrozenExperts | None = None  # a plain object: never registered
+        self._partner: list[CausalWanModel] = []  # frozen other network; a list: not registered
         self.chosen_experts: list[tuple[int, str]] = []  # (global step, expert), for checks
 
     @property
@@ -116,7 +131,12 @@ class ConsistencyDistillationModule(L.LightningModule):
         self._teacher = FrozenExperts(*experts)
         start = {"high": self.teacher_config.expert_high_dir, "low": self.teacher_config.expert_low_dir}
         init = (Path(self.student_init) if self.student_init
-                else teacher_root / start[self.init_expert])
+                else teacher_root / start[self.expert or self.init_expert])
+        if self.partner_init is not None:
+            self._partner = [load_causal_network(
+                self.student_config, Path(self.partner_init), device=device, mesh=mesh,
+                trainable=False, dtype=p.compute_dtype,
+                reshard_after_forward=p.reshard_after_forward)]
         self.student = load_causal_network(
             self.student_config, init, device=device, mesh=mesh, trainable=True,
             compute_dtype=p.compute_dtype, activation_checkpointing=p.activation_checkpointing,
@@ -137,7 +157,7 @@ class ConsistencyDistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         step = self.global_step
-        expert = choose_expert(self.schedule, step_generator(self.seed, step))
+        expert = self.expert or choose_expert(self.schedule, step_generator(self.seed, step))
         self.chosen_experts.append((step, expert))
         private = step_generator(self.seed, step, self.global_rank)
         x0 = batch["latents"].float()
@@ -147,7 +167,7 @@ class ConsistencyDistillationModule(L.LightningModule):
         student, ema, teacher = self.student, self.ema_student, self.teacher
         result = causal_cd_step(
             student.forward_teacher_forcing,
-            ema.forward_teacher_forcing,
+            self._target_network(),
             teacher.expert_high.forward_teacher_forcing,
             teacher.expert_low.forward_teacher_forcing,
             x0, batch["context"], batch["context_neg"], guidance, self.schedule, expert, private,
@@ -155,7 +175,7 @@ class ConsistencyDistillationModule(L.LightningModule):
             loss=self.stage.loss, huber_c=self.stage.huber_c, solver=self.stage.teacher_solver,
             per_chunk_intervals=self.stage.per_chunk_intervals)
 
-        for frozen in (ema, teacher.expert_high, teacher.expert_low):
+        for frozen in (ema, teacher.expert_high, teacher.expert_low, *self._partner):
             reshard_all(frozen)  # back to shards (FSDP2 keeps a root gathered after forward)
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -171,6 +191,25 @@ class ConsistencyDistillationModule(L.LightningModule):
         self.log("loss", result.loss.detach(), prog_bar=True, on_step=True)
         self.log(f"loss_{expert}", result.loss.detach(), on_step=True)
         return result.loss.detach()
+
+
+    def _target_network(self):
+        """The stop-gradient target: the EMA, or for one network of a two-network student the
+        EMA on its own side of the boundary and the frozen partner beyond it."""
+        own = self.ema_student.forward_teacher_forcing
+        if self.expert is None:
+            return own
+        sampling = self.teacher_config.sampling
+        boundary_t = boundary_timestep(sampling.boundary, sampling.num_train_timesteps)
+        other = self._partner[0].forward_teacher_forcing if self._partner else _no_partner
+        high, low = (own, other) if self.expert == "high" else (other, own)
+        return functools.partial(route_by_timestep, high, low, boundary_t=boundary_t,
+                                 chunk_frames=self.student_config.chunk_frames)
+
+
+def _no_partner(*_args, **_kwargs):
+    raise RuntimeError("a consistency target fell in the other network's range but no "
+                       "partner_init was given")
 
 
 def _to_float_tensor(value) -> torch.Tensor:

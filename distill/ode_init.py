@@ -128,6 +128,22 @@ def causal_teacher_trajectories(
     return states, ends
 
 
+def levels_of_expert(sigmas: torch.Tensor, expert: str, boundary: float,
+                     num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Indices of the student's sigmas whose timestep lies in ``expert``'s range (t >= boundary
+    * N is the high-noise network's), the levels one network of a two-network student trains on.
+    """
+    if expert not in ("high", "low"):
+        raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
+    high = sigmas_to_timesteps(sigmas.double(), num_train_timesteps) >= boundary * num_train_timesteps
+    found = torch.nonzero(high if expert == "high" else ~high).flatten()
+    if found.numel() == 0:
+        raise ValueError(f"none of the student's sigmas {[round(float(s), 4) for s in sigmas]} is "
+                         f"in expert_{expert}'s range (boundary {boundary}); a two-network student "
+                         f"needs steps on both sides: raise the student's steps")
+    return found
+
+
 class ODEResult(NamedTuple):
     """What one ODE-regression step produced (tensors detached except ``loss``)."""
 
@@ -140,10 +156,13 @@ def ode_regression_step(student: StudentFn, states: torch.Tensor, ends: torch.Te
                         sigmas: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor,
                         generator: torch.Generator, *, chunk_frames: int,
                         loss: ConsistencyLossKind = "mse", huber_c: float = 1e-3,
-                        num_train_timesteps: int = 1000) -> ODEResult:
+                        num_train_timesteps: int = 1000,
+                        levels: torch.Tensor | None = None) -> ODEResult:
     """Student x0 from a trajectory state against the trajectory's end.
 
-    Every chunk draws one of the K kept noise levels (from ``generator``); the noisy chunk is the
+    Every chunk draws one of the kept noise levels (from ``generator``; all K, or only
+    ``levels``, int64 indices into the K: the levels of one network of a two-network student,
+    ``levels_of_expert``); the noisy chunk is the
     trajectory's state there, the clean context is the trajectory's finished chunks (``ends``,
     teacher forcing), and the student's ``x - sigma * v`` is compared with the chunk's end.
 
@@ -162,8 +181,12 @@ def ode_regression_step(student: StudentFn, states: torch.Tensor, ends: torch.Te
         raise ValueError(f"{frames} latent frames do not split into chunks of chunk_frames="
                          f"{chunk_frames}")
     n_chunks = frames // chunk_frames
-    levels = torch.randint(levels_count, (batch, n_chunks), generator=generator,
-                           device=generator.device).to(states.device)
+    allowed = torch.arange(levels_count) if levels is None else levels.to(torch.int64).cpu()
+    if allowed.numel() == 0 or bool(((allowed < 0) | (allowed >= levels_count)).any()):
+        raise ValueError(f"levels {allowed.tolist()} must be a non-empty subset of 0..{levels_count - 1}")
+    pick = torch.randint(allowed.numel(), (batch, n_chunks), generator=generator,
+                         device=generator.device)
+    levels = allowed[pick.cpu()].to(states.device)
     frame_levels = levels.repeat_interleave(chunk_frames, dim=1)  # [B, F]
     rows = torch.arange(batch, device=states.device)[:, None]
     cols = torch.arange(frames, device=states.device)[None, :]

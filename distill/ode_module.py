@@ -20,7 +20,7 @@ from distill.ar_adaptation import make_optimizer, read_causal_teacher, step_gene
 from distill.config import ODEInitConfig, ParallelConfig, check_init_expert
 from distill.losses import LOSS_KINDS
 from distill.networks import load_causal_network
-from distill.ode_init import ode_regression_step
+from distill.ode_init import levels_of_expert, ode_regression_step
 from distill.sharding import full_state_dict
 from student.causal_dit import CausalWanModel
 from student.checkpoint import save_student
@@ -36,6 +36,9 @@ class ODEInitModule(L.LightningModule):
         sigmas: the K noise levels of the trajectory states (the student's sigmas without 0).
         student_init: a WanModel or student folder to start from; None = the stage-A expert
             named by ``init_expert`` (+ a zero guidance embedding).
+        expert: None trains one network on every level; "high" / "low" trains that network of a
+            two-network student (``student.moe``) on its levels only, starting from the stage-A
+            expert of the same range (``init_expert`` is then not used).
         stage, parallel, seed: run knobs.
     Batches (``TrajectoryDataModule``): states [B, K, C, F, H, W], ends [B, C, F, H, W],
     guidance [B], context [B, L, D].
@@ -44,13 +47,14 @@ class ODEInitModule(L.LightningModule):
     def __init__(self, causal_teacher_dir: str, student: dict, sigmas: list[float],
                  student_init: str | None = None, init_expert: str = "high",
                  stage: ODEInitConfig = ODEInitConfig(),
-                 parallel: ParallelConfig = ParallelConfig(), seed: int = 0):
+                 parallel: ParallelConfig = ParallelConfig(), seed: int = 0,
+                 expert: str | None = None):
         super().__init__()
         self.save_hyperparameters({"causal_teacher_dir": causal_teacher_dir, "student": student,
                                    "sigmas": list(sigmas), "student_init": student_init,
                                    "init_expert": init_expert, "stage": asdict(stage),
-                                   "parallel": asdict(parallel), "seed": seed})
-        check_init_expert(init_expert)
+                                   "parallel": asdict(parallel), "seed": seed, "expert": expert})
+        check_init_expert(init_expert if expert is None else expert)
         if stage.loss not in LOSS_KINDS:
             raise ValueError(f"ode_init.loss={stage.loss!r} must be one of {list(LOSS_KINDS)}")
         self.automatic_optimization = False
@@ -60,6 +64,11 @@ class ODEInitModule(L.LightningModule):
         self.sigmas = torch.tensor(sigmas, dtype=torch.float64)
         self.student_config: StudentConfig = student_config_from_dict(student, "ODE-init student")
         self.teacher_config, _ = read_causal_teacher(causal_teacher_dir)
+        self.expert = expert
+        sampling = self.teacher_config.sampling
+        self.levels = (None if expert is None else
+                       levels_of_expert(self.sigmas, expert, sampling.boundary,
+                                        sampling.num_train_timesteps))
         self.student: CausalWanModel | None = None
 
     def configure_model(self) -> None:
@@ -68,7 +77,7 @@ class ODEInitModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         start = {"high": self.teacher_config.expert_high_dir, "low": self.teacher_config.expert_low_dir}
         init = (Path(self.student_init) if self.student_init
-                else Path(self.causal_teacher_dir) / start[self.init_expert])
+                else Path(self.causal_teacher_dir) / start[self.expert or self.init_expert])
         p = self.parallel
         self.student = load_causal_network(
             self.student_config, init, device=self.trainer.strategy.root_device, mesh=mesh,
@@ -88,7 +97,8 @@ class ODEInitModule(L.LightningModule):
             batch["context"], batch["guidance"], private,
             chunk_frames=self.student_config.chunk_frames, loss=self.stage.loss,
             huber_c=self.stage.huber_c,
-            num_train_timesteps=self.teacher_config.sampling.num_train_timesteps)
+            num_train_timesteps=self.teacher_config.sampling.num_train_timesteps,
+            levels=self.levels)
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(result.loss)

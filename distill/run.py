@@ -10,6 +10,11 @@ once its student folder exists (its trajectories once their manifest does), and 
 stage restarts from its last checkpoint when the run folder belongs to the same teacher and
 settings.
 
+With ``split_experts`` (the shapes recipe) the student is two networks (``student.moe``): the
+ODE initialisation trains each on its own noise levels (``ode_init/high``, ``ode_init/low``),
+stage B the networks named in ``stage_b.networks`` (``stage_b/<network>``, the low-noise one
+first), and ``distill.export.export_moe_student`` joins them into one student folder.
+
 Under ``torchrun`` (or a cluster launcher) every rank runs ``distill_main``; Lightning's
 ModelParallelStrategy picks the processes up, and only rank 0 prints and writes shared files.
 """
@@ -34,7 +39,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import lightning as L  # noqa: E402
@@ -54,7 +59,7 @@ from distill.data.latents import (  # noqa: E402
     teacher_fingerprint,
 )
 from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
-from distill.export import export_student  # noqa: E402
+from distill.export import export_moe_student, export_student  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
 from distill.ode_init import trajectory_grid  # noqa: E402
 from distill.ode_module import ODEInitModule  # noqa: E402
@@ -293,6 +298,10 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
                "pass the folder of the downloaded Wan2.2-T2V-A14B checkpoint"))
     teacher = read_teacher_config(teacher_dir)
     student = resolve_student(cfg, teacher)
+    if cfg.split_experts and cfg.ode_init.max_steps == 0 and set(cfg.stage_b.networks) != {"high", "low"}:
+        raise ValueError(f"with split_experts and no ODE initialisation (ode_init.max_steps=0) "
+                         f"stage B must train both networks; got stage_b.networks="
+                         f"{list(cfg.stage_b.networks)}: set it to [high, low]")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.student)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else default_student_dir(cfg.student)
     seconds: dict[str, float] = {}
@@ -345,21 +354,32 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     steps["stage_a"] = cfg.stage_a.max_steps
     seconds["stage_a"] = time.perf_counter() - t0
 
+    # The networks trained: one, or one per teacher expert (a two-network student).
+    networks: list[str | None] = ["high", "low"] if cfg.split_experts else [None]
+    exported = replace(student, boundary=teacher.sampling.boundary) if cfg.split_experts else student
+
+    def subdir(folder: Path, network: str | None) -> Path:
+        return folder if network is None else folder / network
+
     # ODE initialisation: the student learns the causal teacher's own trajectories.
     start_b = {"init": cfg.student_init or f"stage-A expert_{cfg.init_expert}"}
-    student_init_b = cfg.student_init
+    inits_b: dict[str | None, str | None] = {n: cfg.student_init for n in networks}
     if cfg.ode_init.max_steps > 0:
         t0 = time.perf_counter()
         o = cfg.ode_init
         ode_dir = run_dir / "ode_init"
-        ode_student = ode_dir / "student"
         identity_o = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
                       "student_init": start_b["init"], "ode_init": asdict(o),
-                      "guidance_min": cfg.stage_b.guidance_min}
+                      "guidance_min": cfg.stage_b.guidance_min, "networks": networks}
         resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
-        if not (resumable and (ode_student / STUDENT_CONFIG_FILE).is_file()):
-            grid = trajectory_grid(o.solver_steps, student.shift,
-                                   student_sigmas(student.steps, student.shift))
+        grid = trajectory_grid(o.solver_steps, student.shift,
+                               student_sigmas(student.steps, student.shift))
+        for network in networks:
+            net_dir = subdir(ode_dir, network)
+            ode_student = net_dir / "student"
+            inits_b[network] = str(ode_student)
+            if resumable and (ode_student / STUDENT_CONFIG_FILE).is_file():
+                continue
             trajectories = build_trajectories(
                 ode_dir / "trajectories", cache_dir, str(causal_dir), grid,
                 num_items=o.num_trajectories,
@@ -369,41 +389,69 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
             L.seed_everything(cfg.seed, verbose=False)
             module_o = ODEInitModule(str(causal_dir), student_config_to_dict(student),
                                      grid.sigmas[grid.keep].tolist(), cfg.student_init,
-                                     cfg.init_expert, o, cfg.parallel, cfg.seed)
-            trainer_o = make_trainer(tc, ode_dir, o.max_steps, "ODE init: teacher trajectories")
+                                     cfg.init_expert, o, cfg.parallel, cfg.seed, expert=network)
+            trainer_o = make_trainer(tc, net_dir, o.steps_of(network),
+                                     "ODE init: teacher trajectories" + (f" ({network})" if network else ""))
             trainer_o.fit(module_o, TrajectoryDataModule(str(trajectories), str(cache_dir),
                                                          o.batch_size, cfg.seed,
                                                          cfg.data.num_frames),
-                          ckpt_path=last_checkpoint(ode_dir) if resumable else None)
+                          ckpt_path=last_checkpoint(net_dir) if resumable else None)
             module_o.export_student_folder(ode_student)
             _barrier()
             if "loss" in trainer_o.callback_metrics:
-                losses["ODE init"] = float(trainer_o.callback_metrics["loss"])
-        steps["ode_init"] = o.max_steps
+                losses["ODE init" + (f" {network}" if network else "")] = float(
+                    trainer_o.callback_metrics["loss"])
+        steps["ode_init"] = sum(o.steps_of(network) for network in networks)
         seconds["ode_init"] = time.perf_counter() - t0
-        start_b, student_init_b = {"ode_init": identity_o}, str(ode_student)
+        start_b = {"ode_init": identity_o}
 
-    # Stage B: consistency distillation into the student.
+    # Stage B: consistency distillation into the student. With two networks, those named in
+    # stage_b.networks; the low-noise one first, because the high-noise network's last interval
+    # takes its target from the finished low-noise network.
     t0 = time.perf_counter()
     stage_b_dir = run_dir / "stage_b"
+    trained = [n for n in networks if n is None or n in cfg.stage_b.networks]
     identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
-                  "student_init": start_b, "stage_b": asdict(cfg.stage_b)}
+                  "student_init": start_b, "stage_b": asdict(cfg.stage_b), "networks": trained}
     resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
-    L.seed_everything(cfg.seed, verbose=False)
-    module_b = ConsistencyDistillationModule(str(causal_dir), student_config_to_dict(student),
-                                             student_init_b, cfg.stage_b, cfg.parallel, cfg.seed,
-                                             init_expert=cfg.init_expert)
-    trainer_b = make_trainer(tc, stage_b_dir, cfg.stage_b.max_steps,
-                             "stage B: consistency distillation")
-    trainer_b.fit(module_b, datamodule(cfg.stage_b.batch_size),
-                  ckpt_path=last_checkpoint(stage_b_dir) if resumable else None)
-    if "loss" in trainer_b.callback_metrics:
-        losses["stage B"] = float(trainer_b.callback_metrics["loss"])
-    steps["stage_b"] = cfg.stage_b.max_steps
-    export_student(module_b.student, module_b.ema_student, student, output_dir,
-                   main=cfg.stage_b.export_weights, rank=trainer_b.global_rank,
-                   info={"step": trainer_b.global_step, "teacher_dir": str(teacher_dir),
-                         "causal_teacher_dir": str(causal_dir), "stage_b": asdict(cfg.stage_b)})
+    info = {"teacher_dir": str(teacher_dir), "causal_teacher_dir": str(causal_dir),
+            "stage_b": asdict(cfg.stage_b)}
+    main_weights = cfg.stage_b.export_weights
+    other_weights = "student" if main_weights == "ema" else "ema"
+
+    def start_folder(network: str) -> Path:
+        """Where a network stands before stage B (its ODE-initialised or starting weights)."""
+        if inits_b[network] is not None:
+            return Path(inits_b[network])
+        return causal_dir / {"high": teacher.expert_high_dir, "low": teacher.expert_low_dir}[network]
+
+    # name -> (folder of its main weights, folder of its other weights); untrained: one folder.
+    network_weights = {n: (start_folder(n), start_folder(n)) for n in networks if n not in trained}
+    for network in sorted(trained, key=lambda n: n != "low"):
+        net_dir = subdir(stage_b_dir, network)
+        L.seed_everything(cfg.seed, verbose=False)
+        module_b = ConsistencyDistillationModule(
+            str(causal_dir), student_config_to_dict(student), inits_b[network], cfg.stage_b,
+            cfg.parallel, cfg.seed, init_expert=cfg.init_expert, expert=network,
+            partner_init=str(network_weights["low"][0]) if network == "high" else None)
+        trainer_b = make_trainer(tc, net_dir, cfg.stage_b.max_steps,
+                                 "stage B: consistency distillation" + (f" ({network})" if network else ""))
+        trainer_b.fit(module_b, datamodule(cfg.stage_b.batch_size),
+                      ckpt_path=last_checkpoint(net_dir) if resumable else None)
+        if "loss" in trainer_b.callback_metrics:
+            losses["stage B" + (f" {network}" if network else "")] = float(
+                trainer_b.callback_metrics["loss"])
+        target = output_dir if network is None else net_dir / "export"
+        export_student(module_b.student, module_b.ema_student, student, target,
+                       main=main_weights, rank=trainer_b.global_rank,
+                       info={"step": trainer_b.global_step, **info})
+        _barrier()
+        if network is not None:
+            network_weights[network] = (target, target / other_weights)
+    steps["stage_b"] = cfg.stage_b.max_steps * len(trained)
+    if cfg.split_experts and _rank() == 0:
+        export_moe_student(network_weights, exported, output_dir, main=main_weights,
+                           info={"stage_b_networks": trained, **info})
     _barrier()
     seconds["stage_b"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start

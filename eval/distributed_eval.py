@@ -411,7 +411,8 @@ def system_name(spec: SystemSpec, teacher_models: TeacherModels, student_config)
     if spec.steps is None and student_config is None:  # a student that was not loaded
         return "student-default"
     name = f"student-{spec.steps if spec.steps is not None else student_config.steps}step"
-    return name if spec.guidance is None else f"{name}-g{spec.guidance:g}"
+    # Names key a ModuleDict, which refuses '.': guidance 1.5 is written g1p5.
+    return name if spec.guidance is None else f"{name}-g{spec.guidance:g}".replace(".", "p")
 
 
 class EvalModule(L.LightningModule):

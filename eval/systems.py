@@ -27,6 +27,7 @@ import torch
 from eval.latency import Stopwatch
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
+from student.moe import MoEStudent
 from student.sampler import sample_chunk, student_sigmas
 from teacher.checkpoint import TeacherModels
 from teacher.pipeline import (
@@ -172,7 +173,8 @@ class StudentSystem:
     """The causal student streaming a clip chunk by chunk with its KV cache.
 
     Args:
-        student: the loaded ``CausalWanModel`` (eval mode); it runs where its weights are.
+        student: the loaded ``CausalWanModel`` or two-network ``MoEStudent`` (eval mode); it
+            runs where its weights are.
         config: its ``StudentConfig`` (chunking, shift, default guidance, cache policy).
         teacher_parts: the teacher whose tokenizer, text encoder and VAE the student shares, and
             whose default clip size and length it generates (experts are not used).
@@ -188,7 +190,7 @@ class StudentSystem:
 
     kind = "student"
 
-    def __init__(self, student: CausalWanModel, config: StudentConfig,
+    def __init__(self, student: CausalWanModel | MoEStudent, config: StudentConfig,
                  teacher_parts: TeacherModels, steps: int | None = None, *,
                  guidance: float | None = None, width: int | None = None,
                  height: int | None = None, frames: int | None = None,
@@ -221,6 +223,8 @@ class StudentSystem:
                              f"1 + 4k with k + 1 a multiple of it")
         self.num_chunks = self.latent_shape[1] // config.chunk_frames
         self.name = name or f"student-{self.steps}step"
+        # A finished chunk is appended to every network's cache.
+        self._networks = 2 if isinstance(student, MoEStudent) else 1
 
     def info(self) -> dict:
         return {"name": self.name, "kind": self.kind, "solver": "multistep-consistency",
@@ -258,4 +262,5 @@ class StudentSystem:
         info = self.info()
         return SystemOutput(videos=torch.cat(chunks, dim=1), seconds=seconds,
                             first_frame_seconds=first_frame_seconds, nfe=info["nfe"],
-                            forwards={"denoise": info["nfe"], "kv_append": self.num_chunks - 1})
+                            forwards={"denoise": info["nfe"],
+                                      "kv_append": (self.num_chunks - 1) * self._networks})

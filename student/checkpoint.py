@@ -9,14 +9,18 @@ A student folder has the official single-model layout plus one project file::
 A student is initialised from an expert state dict (e.g. the adapted low-noise expert) or from an
 official DiT folder (Wan2.1-T2V-1.3B, or one expert folder of Wan2.2-A14B): strict key checking,
 with only the guidance-embedding keys new (zero-initialised so the student starts equal to its
-source). Modules are built on the meta device and filled tensor by tensor
+source).
+
+A two-network student (``StudentConfig.boundary`` set, ``student.moe.MoEStudent``) mirrors the
+teacher's two-expert layout: its ``wan_distill_student.json`` at the top, and one single-network
+student folder per network in ``high_noise_model/`` and ``low_noise_model/``. Modules are built on the meta device and filled tensor by tensor
 (``teacher.materialize``), so host memory holds one copy.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -33,10 +37,12 @@ from teacher.weight_files import (
 )
 from student.causal_dit import CausalWanModel, is_student_fp32_island
 from student.config import StudentConfig, student_config_from_dict, student_config_to_dict
+from student.moe import MoEStudent
 
 STUDENT_CONFIG_FILE = "wan_distill_student.json"
 DIT_CONFIG_FILE = "config.json"
 DIT_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+MOE_SUBFOLDERS = {"high": "high_noise_model", "low": "low_noise_model"}
 
 
 def _read_student_json(path: Path) -> dict:
@@ -78,6 +84,21 @@ def save_student(folder: str | Path, model: CausalWanModel, config: StudentConfi
     return folder
 
 
+def save_moe_student(folder: str | Path, student: MoEStudent, config: StudentConfig) -> Path:
+    """Write a two-network student (see module doc); each file atomically, the top-level
+    config last, so a folder without it is recognisably unfinished."""
+    if config.boundary is None or config.boundary != student.boundary:
+        raise ValueError(f"student config {config.name!r} has boundary={config.boundary} but the "
+                         f"two-network student switches at {student.boundary}")
+    folder = Path(folder)
+    single = replace(config, boundary=None)
+    save_student(folder / MOE_SUBFOLDERS["high"], student.high, single)
+    save_student(folder / MOE_SUBFOLDERS["low"], student.low, single)
+    write_text_atomic(json.dumps(student_config_to_dict(config), indent=2),
+                      folder / STUDENT_CONFIG_FILE)
+    return folder
+
+
 def read_student_config(folder: str | Path) -> StudentConfig:
     """The StudentConfig of a student folder (``wan_distill_student.json``)."""
     path = Path(folder) / STUDENT_CONFIG_FILE
@@ -86,8 +107,9 @@ def read_student_config(folder: str | Path) -> StudentConfig:
 
 def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu",
-                 trainable: bool = False) -> tuple[CausalWanModel, StudentConfig]:
-    """Load a student folder written by ``save_student`` (strict: every key, every shape).
+                 trainable: bool = False) -> tuple[CausalWanModel | MoEStudent, StudentConfig]:
+    """Load a student folder written by ``save_student`` or ``save_moe_student`` (strict: every
+    key, every shape); a two-network folder gives a ``MoEStudent``.
 
     Args:
         dtype: weight dtype; the fp32 islands (time/guidance embeddings, modulation, head) stay
@@ -96,6 +118,12 @@ def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32,
         trainable: False (default) returns the model in eval mode with gradients off.
     """
     config = read_student_config(folder)
+    if config.boundary is not None:
+        single = replace(config, boundary=None)
+        high, low = (student_weights_into(Path(folder) / MOE_SUBFOLDERS[name], single, dtype=dtype,
+                                          device=device, trainable=trainable)
+                     for name in ("high", "low"))
+        return MoEStudent(high, low, config.boundary, config.num_train_timesteps), config
     return student_weights_into(folder, config, dtype=dtype, device=device,
                                 trainable=trainable), config
 

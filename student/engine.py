@@ -38,6 +38,7 @@ from teacher.vae import WanVAE
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.kv_cache import KVCache
+from student.moe import MoECache, MoEStudent
 from student.sampler import draw_noise, sample_chunk, student_sigmas
 from student.stream_types import FrameChunk, frame_timestamps
 
@@ -60,7 +61,8 @@ class StudentStreamEngine:
     """A live text-to-video stream of the causal student (one session).
 
     Args:
-        student: the loaded ``CausalWanModel`` (eval mode; shared between engines).
+        student: the loaded ``CausalWanModel`` or two-network ``MoEStudent`` (eval mode; shared
+            between engines).
         config: its ``StudentConfig`` (steps, shift, guidance default/range, sink and window).
         text_encoder, tokenizer: the teacher's umT5 encoder and tokenizer (``teacher.t5``,
             ``teacher.tokenizer``).
@@ -74,11 +76,13 @@ class StudentStreamEngine:
     are (latents move between them).
     """
 
-    def __init__(self, student: CausalWanModel, config: StudentConfig, text_encoder: nn.Module,
-                 tokenizer, vae: WanVAE, *, width: int, height: int, fps: float,
+    def __init__(self, student: CausalWanModel | MoEStudent, config: StudentConfig,
+                 text_encoder: nn.Module, tokenizer, vae: WanVAE, *, width: int, height: int,
+                 fps: float,
                  steps: int | None = None, prompt_cache_size: int = 8):
-        if not isinstance(student, CausalWanModel):
-            raise TypeError(f"student must be a CausalWanModel, got {type(student).__name__}")
+        if not isinstance(student, (CausalWanModel, MoEStudent)):
+            raise TypeError(f"student must be a CausalWanModel or MoEStudent, got "
+                            f"{type(student).__name__}")
         if student.chunk_frames != config.chunk_frames or student.config != config.dit:
             raise ValueError(f"the student (chunk_frames {student.chunk_frames}) does not match "
                              f"its config {config.name!r} (chunk_frames {config.chunk_frames}); "
@@ -206,7 +210,7 @@ class StudentStreamEngine:
         return self.config.guidance_default if self._guidance is None else float(self._guidance)
 
     @property
-    def kv_cache(self) -> KVCache:
+    def kv_cache(self) -> KVCache | MoECache:
         """This session's KV cache (read-only use: tests and memory reports)."""
         return self._kv
 

@@ -223,3 +223,41 @@ def test_stage_b_rejects_bad_settings(causal_teacher):
     other = replace(TINY_STUDENT, chunk_frames=2)
     with pytest.raises(ValueError, match="chunk_frames"):
         ConsistencyDistillationModule(str(causal_teacher["folder"]), student_config_to_dict(other))
+
+
+def test_one_network_of_a_two_network_student(causal_teacher, tiny_run):
+    """expert="high": only its intervals, and targets past the boundary from the frozen partner."""
+    folder = str(causal_teacher["folder"])
+    stage = ConsistencyConfig(max_steps=1, batch_size=4, optim=QUICK, num_intervals=6, loss="mse")
+    with pytest.raises(ValueError, match="partner_init"):
+        ConsistencyDistillationModule(folder, student_config_to_dict(TINY_STUDENT), stage=stage,
+                                      expert="high")
+    partner_dir = causal_teacher["folder"] / TINY.expert_low_dir
+    module = ConsistencyDistillationModule(folder, student_config_to_dict(TINY_STUDENT),
+                                           stage=stage, expert="high",
+                                           partner_init=str(partner_dir))
+    trainer = _trainer(fast_dev_run=True)
+    trainer.fit(module, LatentDataModule(str(tiny_run["cache"]), batch_size=4))
+    assert module.chosen_experts == [(0, "high")]
+    assert all(k.startswith(("student.", "ema_student.")) for k in module.state_dict())
+    # The student started from expert_high (its own range), the partner is expert_low.
+    partner = module._partner[0]
+    low = causal_teacher["module"].expert_low.state_dict()
+    for k, v in low.items():
+        assert torch.equal(partner.state_dict()[k], v)
+
+    item = LatentShardDataset(str(tiny_run["cache"]))[0]
+    x = item["latents"][None].float()
+    ctx = item["context"][None]
+    n_chunks = x.shape[2]
+    assert n_chunks >= 2
+    boundary_t = TINY.sampling.boundary * TINY.sampling.num_train_timesteps
+    t = torch.tensor([[999 if c % 2 == 0 else 100 for c in range(n_chunks)]])
+    noisy = torch.randn_like(x)
+    with torch.no_grad():
+        got = module._target_network()(x, noisy, t, ctx, torch.tensor([2.0]))
+        from_ema = module.ema_student.forward_teacher_forcing(x, noisy, t, ctx, torch.tensor([2.0]))
+        from_partner = partner.forward_teacher_forcing(x, noisy, t, ctx, torch.tensor([2.0]))
+    for c in range(n_chunks):
+        want = from_ema if int(t[0, c]) >= boundary_t else from_partner
+        torch.testing.assert_close(got[:, :, c], want[:, :, c], rtol=0, atol=0)

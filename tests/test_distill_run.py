@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from student.paths import default_student_dir, wan_distill_home
 from distill.run import DEFAULT_RECIPE, distill_main, load_config, resolve_student
 from student.checkpoint import load_student
 from student.config import STUDENT_PRESETS, StudentConfig
+from student.moe import MoEStudent
 from teacher.config import SHAPES
 from tests.tiny_teacher import TINY, tiny_models, write_official
 
@@ -60,6 +62,10 @@ def test_recipe_errors():
         load_config(REPO / "configs" / "distill" / "a14b-to-causal-1.3b.yaml")
     with pytest.raises(ValueError, match="ode_init.num_trajectories=8 must be >= ode_init.batch_size=16"):
         load_config(None, ["ode_init.num_trajectories=8"])
+    with pytest.raises(ValueError, match=r"ode_init.max_steps_low=0 must be >= 1"):
+        load_config(None, ["ode_init.max_steps_low=0"])
+    with pytest.raises(ValueError, match=r"stage_b.networks=\['mid'\] must name 'high' and/or 'low'"):
+        load_config(None, ["stage_b.networks=[mid]"])
     # A misspelt expert fails while the recipe is read, before any data or training.
     with pytest.raises(ValueError, match=r"init_expert='hgh' must be one of \['high', 'low'\]"):
         resolve_student(load_config(None, ["init_expert=hgh"]), SHAPES)
@@ -76,7 +82,7 @@ def test_default_paths_follow_wan_distill_home(monkeypatch, tmp_path):
         default_student_dir("../x")
 
 
-def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
+def _tiny_job(tmp_path, monkeypatch):
     tiny = StudentConfig(name="tiny", teacher="tiny", dit=TINY.dit, chunk_frames=1,
                          sink_chunks=1, window_chunks=1, shift=3.0, guidance_default=3.0,
                          guidance_max=5.0)
@@ -86,48 +92,82 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     overrides = [f"teacher_dir={teacher}", "student=tiny", "data.source.num_clips=4",
                  "data.source.num_frames=5", "data.encode_batch_size=4", "stage_a.max_steps=2",
                  "stage_a.batch_size=2", "stage_b.max_steps=2", "stage_b.batch_size=2",
-                 "stage_b.num_intervals=6", "ode_init.max_steps=2", "ode_init.batch_size=2",
+                 "stage_b.num_intervals=6", "ode_init.max_steps=2", "ode_init.max_steps_low=1",
+                 "ode_init.batch_size=2",
                  "ode_init.num_trajectories=3", "ode_init.generate_batch_size=2",
                  "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=1"]
+    return tiny, overrides
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
+    tiny, overrides = _tiny_job(tmp_path, monkeypatch)
     summary = distill_main(None, overrides)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("distilled in ") and str(summary.student_dir) in line
-    assert "stage A 2 steps" in line and "ODE init 2 steps" in line and "stage B 2 steps" in line
+    # Two networks (the default): ODE steps 2 (high) + 1 (low); stage B trains the high one.
+    assert "stage A 2 steps" in line and "ODE init 3 steps" in line and "stage B 2 steps" in line
     assert summary.student_dir == tmp_path / "home" / "students" / "tiny"
     model, config = load_student(summary.student_dir)
-    assert config == tiny and model.guidance_embedding is not None
+    assert isinstance(model, MoEStudent)
+    assert config == replace(tiny, boundary=TINY.sampling.boundary)
     export = json.loads((summary.student_dir / "wan_distill_export.json").read_text())
-    assert export["main"] == "ema" and export["step"] == 2
+    assert export["main"] == "ema" and export["stage_b_networks"] == ["high"]
+    # On top: the high network's stage-B EMA and the low network's ODE-initialised weights.
+    run = tmp_path / "home" / "runs" / "tiny"
+    ode = {name: run / "ode_init" / name / "student" for name in ("high", "low")}
+    _assert_same_weights(load_student(run / "stage_b" / "high" / "export")[0], model.high)
+    _assert_same_weights(load_student(ode["low"])[0], model.low)
+    assert not (run / "stage_b" / "low").exists()
 
-    # Same settings again: the cache, the causal teacher and stage B's last checkpoint are reused
-    # (no new training step), and the export is the same.
+    # Same settings again: the cache, the causal teacher and stage B's last checkpoint are
+    # reused (no new training step), and the export is the same.
     stamp = (summary.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns
     again = distill_main(None, overrides, verbose=False)
     assert (again.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
-    model2, _ = load_student(again.student_dir)
-    for k, v in model.state_dict().items():
-        assert torch.equal(model2.state_dict()[k], v)
+    _assert_same_weights(model, load_student(again.student_dir)[0])
 
-    # Changed stage-B settings: stage A and the ODE initialisation are kept, stage B starts over
-    # from the ODE-initialised student (lr 0: the online student is still that student, whose
-    # guidance embedding has left zero).
-    ode_student = tmp_path / "home" / "runs" / "tiny" / "ode_init" / "student"
-    ode_stamp = (ode_student / "wan_distill_student.json").stat().st_mtime_ns
-    third = distill_main(None, overrides + ["stage_b.optim.lr=0.0"], verbose=False)
+    # Changed stage-B settings, both networks trained: stage A and the ODE initialisation are
+    # kept, stage B starts over from the ODE-initialised networks (lr 0: the online networks are
+    # still those, whose guidance embeddings have left zero).
+    ode_stamps = {n: (p / "wan_distill_student.json").stat().st_mtime_ns for n, p in ode.items()}
+    third = distill_main(None, overrides + ["stage_b.optim.lr=0.0", "stage_b.networks=[high,low]"],
+                         verbose=False)
+    assert third.steps["stage_b"] == 4
     assert (third.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
-    assert (ode_student / "wan_distill_student.json").stat().st_mtime_ns == ode_stamp
     model3, _ = load_student(third.student_dir / "student")
-    start, _ = load_student(ode_student)
-    assert start.state_dict().keys() == model3.state_dict().keys()
-    for k, v in start.state_dict().items():
-        assert torch.equal(model3.state_dict()[k], v)
-    assert start.guidance_embedding[-1].weight.abs().sum() > 0
+    for name, path in ode.items():
+        assert (path / "wan_distill_student.json").stat().st_mtime_ns == ode_stamps[name]
+        start, _ = load_student(path)
+        _assert_same_weights(start, getattr(model3, name))
+        assert start.guidance_embedding[-1].weight.abs().sum() > 0
 
-    # Without the ODE initialisation stage B starts from the high-noise expert (init_expert).
-    fourth = distill_main(None, overrides + ["stage_b.optim.lr=0.0", "ode_init.max_steps=0"],
-                          verbose=False)
+    # Without the ODE initialisation each network starts from its own adapted expert, and stage
+    # B must then train both.
+    with pytest.raises(ValueError, match=r"stage_b.networks=\['high'\]: set it to \[high, low\]"):
+        distill_main(None, overrides + ["ode_init.max_steps=0"], verbose=False)
+    fourth = distill_main(None, overrides + ["stage_b.optim.lr=0.0", "ode_init.max_steps=0",
+                                             "stage_b.networks=[high,low]"], verbose=False)
     assert "ode_init" not in fourth.steps
     model4, _ = load_student(fourth.student_dir / "student")
-    high, _ = load_student(fourth.causal_teacher_dir / "high_noise_model")
+    for name in ("high", "low"):
+        expert, _ = load_student(fourth.causal_teacher_dir / f"{name}_noise_model")
+        for k, v in expert.state_dict().items():
+            assert torch.equal(getattr(model4, name).state_dict()[k], v)
+
+
+def test_one_network_job_starts_from_init_expert(tmp_path, monkeypatch):
+    tiny, overrides = _tiny_job(tmp_path, monkeypatch)
+    summary = distill_main(None, overrides + ["split_experts=false", "stage_b.optim.lr=0.0",
+                                              "ode_init.max_steps=0"], verbose=False)
+    assert summary.steps["stage_b"] == 2
+    model, config = load_student(summary.student_dir / "student")
+    assert config == tiny and not isinstance(model, MoEStudent)
+    high, _ = load_student(summary.causal_teacher_dir / "high_noise_model")
     for k, v in high.state_dict().items():
-        assert torch.equal(model4.state_dict()[k], v)
+        assert torch.equal(model.state_dict()[k], v)

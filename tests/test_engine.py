@@ -7,7 +7,8 @@ here is about the engine's bookkeeping and numerics, not picture quality.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import copy
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.engine import StudentStreamEngine, stream
+from student.moe import MoECache, MoEStudent
 from student.stream_types import StreamEngine
 from teacher.config import DiTConfig, T5Config
 from teacher.t5 import UMT5Encoder
@@ -252,3 +254,44 @@ def test_bad_use_raises_clear_errors(parts):
     with pytest.raises(ValueError, match="does not match"):
         StudentStreamEngine(model, make_config(chunk_frames=1), encoder, tokenizer, vae,
                             width=32, height=32, fps=FPS)
+
+
+def test_two_network_student_streams_and_recaches_both_caches(parts):
+    encoder, tokenizer, vae, students = parts
+    model, config = students[2]
+    twin = copy.deepcopy(model)
+    moe = MoEStudent(model, twin, boundary=0.875)
+    moe_config = replace(config, boundary=0.875)
+
+    def frames(student, cfg, after_switch: int = 2):
+        eng = StudentStreamEngine(student, cfg, encoder, tokenizer, vae, width=32, height=32,
+                                  fps=FPS)
+        eng.start("a red circle", seed=4)
+        chunks = run(eng, 2)
+        eng.set_prompt("a white square")
+        return eng, chunks + run(eng, after_switch)
+
+    # Two copies of one network stream exactly what that network streams alone, prompt switch
+    # included: the steps are routed and both caches appended and re-cached alike.
+    eng, moe_chunks = frames(moe, moe_config)
+    _, single_chunks = frames(model, config)
+    for a, b in zip(moe_chunks, single_chunks):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    assert isinstance(eng.kv_cache, MoECache) and eng.stats()["recaches"] == 1
+    assert eng.cache_bytes()["kv"] == eng.kv_cache.high.nbytes() + eng.kv_cache.low.nbytes()
+    # With different networks each cache holds its own network's K/V of the new prompt (the
+    # two chunks re-cached at the switch, before the window rolls).
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05)
+    eng, _ = frames(moe, moe_config, after_switch=1)
+    ctx = eng.encode_prompt("a white square")
+    for name in ("high", "low"):
+        network, cache = getattr(moe, name), getattr(eng.kv_cache, name)
+        fresh = network.new_cache(1, sink_chunks=1, window_chunks=2)
+        with torch.no_grad():
+            for c in range(cache.latents.shape[2] // 2):
+                network.append_chunk(cache.latents[:, :, 2 * c:2 * c + 2], ctx, 3.0, fresh)
+        got, want = cache.layers[1].k[:, :16], fresh.layers[1].k[:, :16]
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert (eng.kv_cache.high.layers[1].k - eng.kv_cache.low.layers[1].k).abs().max() > 1e-3

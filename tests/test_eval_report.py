@@ -314,9 +314,10 @@ def test_shapes_yaml_is_the_default_and_a14b_yaml_is_valid():
 def test_guidance_sweep_yaml_names_each_student_and_teachers_refuse_guidance():
     sweep = load_config(REPO / "configs" / "eval" / "shapes-guidance.yaml")
     check_config(sweep)
-    assert [s.guidance for s in sweep.systems][:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [s.guidance for s in sweep.systems][:6] == [1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
     names = [system_name(s, None, None) for s in sweep.systems]
-    assert names[:2] == ["student-4step-g1", "student-4step-g2"] and len(set(names)) == len(names)
+    assert names[:3] == ["student-4step-g1", "student-4step-g1p5", "student-4step-g2"]
+    assert len(set(names)) == len(names)
     assert system_name(SystemSpec("student", steps=2), None, None) == "student-2step"
     with pytest.raises(ValueError, match="guidance=2.0 is a student setting"):
         check_config(replace(EvalConfig(), systems=[SystemSpec("teacher", guidance=2.0)]))

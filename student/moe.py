@@ -1,0 +1,160 @@
+"""A two-expert student: one causal network for the high-noise steps, one for the low-noise steps.
+
+Why: the teacher is two experts switched by timestep, and a single student network of an
+expert's size has to learn both jobs (the layout and motion that expert_high decides, the sharp
+detail that expert_low adds). On the shapes world one network drew every square round however it
+was trained; a network per noise range, each started from its own adapted expert, keeps both
+(BENCHMARKS.md, "Two-expert student"). The Wan2.2 distillations do the same: Wan2.2-Lightning /
+LightX2V and TurboDiffusion ship a high- and a low-noise student, and FastVideo's causal
+Wan2.2 runs two causal transformers, each with its own KV cache
+(shared/reference/distill-anchors.md 2.3).
+
+The student's step at timestep t runs ``high`` when t >= boundary * num_train_timesteps, else
+``low``, exactly the teacher's rule. Each network keeps its own KV cache of the finished chunks
+(``MoECache``): a finished chunk is appended to both, since both read the past.
+``MoEStudent`` has the single student's streaming interface (``new_cache``, ``forward_chunk``,
+``append_chunk``, ``recache``, ``forward_teacher_forcing``), so the sampler, the streaming engine
+and the evaluation take either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from student.causal_dit import CausalWanModel
+from student.kv_cache import KVCache
+
+VelocityFn = Callable[..., torch.Tensor]
+
+
+def boundary_timestep(boundary: float, num_train_timesteps: int) -> float:
+    """The first timestep of the high-noise network's range (t >= it runs ``high``)."""
+    if not 0.0 < boundary < 1.0:
+        raise ValueError(f"boundary={boundary!r} must lie strictly between 0 and 1 (the "
+                         f"teacher's expert switch as a fraction of the timesteps, A14B: 0.875)")
+    return boundary * num_train_timesteps
+
+
+def route_by_timestep(high: VelocityFn, low: VelocityFn, x_clean: torch.Tensor,
+                      x_noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                      guidance, boundary_t: float, chunk_frames: int) -> torch.Tensor:
+    """Teacher-forcing velocity of a two-network student, each chunk from its own network.
+
+    ``high``/``low``: ``(x_clean, x_noisy, t, context, guidance) -> v``; ``t`` int64
+    [B, n_chunks]. A batch inside one range runs one network; a mixed batch (a consistency
+    target straddling the boundary) runs both and keeps each chunk's own.
+    """
+    t = t if t.ndim == 2 else t[:, None].expand(-1, x_noisy.shape[2] // chunk_frames)
+    is_high = t >= boundary_t
+    if bool(is_high.all()):
+        return high(x_clean, x_noisy, t, context, guidance)
+    if not bool(is_high.any()):
+        return low(x_clean, x_noisy, t, context, guidance)
+    v_high = high(x_clean, x_noisy, t, context, guidance)
+    v_low = low(x_clean, x_noisy, t, context, guidance)
+    per_frame = is_high.repeat_interleave(chunk_frames, dim=1)[:, None, :, None, None]
+    return torch.where(per_frame, v_high, v_low)
+
+
+@dataclass
+class MoECache:
+    """The two networks' KV caches of one batch of streams (same chunks, different K/V)."""
+
+    high: KVCache
+    low: KVCache
+
+    @property
+    def num_chunks(self) -> int:
+        return self.low.num_chunks
+
+    @property
+    def num_frames(self) -> int:
+        return self.low.num_frames
+
+    def nbytes(self) -> int:
+        return self.high.nbytes() + self.low.nbytes()
+
+    def clear(self) -> None:
+        self.high.clear()
+        self.low.clear()
+
+
+class MoEStudent(nn.Module):
+    """Two ``CausalWanModel`` of the same shape, switched by timestep (see module doc).
+
+    Args:
+        high, low: the networks of t >= boundary * num_train_timesteps and below.
+        boundary: the switch as a fraction of ``num_train_timesteps`` (the teacher's).
+    """
+
+    def __init__(self, high: CausalWanModel, low: CausalWanModel, boundary: float,
+                 num_train_timesteps: int = 1000):
+        super().__init__()
+        if high.config != low.config or high.chunk_frames != low.chunk_frames:
+            raise ValueError(f"the high and low networks must have one shape and chunking, got "
+                             f"{high.config} (chunk_frames {high.chunk_frames}) and {low.config} "
+                             f"(chunk_frames {low.chunk_frames})")
+        self.high, self.low = high, low
+        self.boundary, self.num_train_timesteps = float(boundary), int(num_train_timesteps)
+        self.boundary_t = boundary_timestep(self.boundary, self.num_train_timesteps)
+
+    # The single student's descriptive attributes, read by the engine and the evaluation.
+    @property
+    def config(self):
+        return self.low.config
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.low.chunk_frames
+
+    @property
+    def in_dim(self) -> int:
+        return self.low.in_dim
+
+    @property
+    def patch_size(self):
+        return self.low.patch_size
+
+    @property
+    def text_len(self) -> int:
+        return self.low.text_len
+
+    def network_of(self, t: torch.Tensor) -> CausalWanModel:
+        """The network of a chunk step whose timesteps ``t`` lie in one range."""
+        is_high = t >= self.boundary_t
+        if bool(is_high.all()):
+            return self.high
+        if not bool(is_high.any()):
+            return self.low
+        raise ValueError(f"timesteps {t.flatten().tolist()} straddle the boundary "
+                         f"{self.boundary_t:g}; a streaming step runs one network")
+
+    def new_cache(self, batch_size: int, device=None, **policy) -> MoECache:
+        return MoECache(self.high.new_cache(batch_size, device, **policy),
+                        self.low.new_cache(batch_size, device, **policy))
+
+    def forward_chunk(self, x_chunk: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                      guidance, cache: MoECache) -> torch.Tensor:
+        network = self.network_of(t)
+        return network.forward_chunk(x_chunk, t, context, guidance,
+                                     cache.high if network is self.high else cache.low)
+
+    def append_chunk(self, x0_chunk: torch.Tensor, context: torch.Tensor, guidance,
+                     cache: MoECache, *, t: torch.Tensor | None = None) -> None:
+        self.high.append_chunk(x0_chunk, context, guidance, cache.high, t=t)
+        self.low.append_chunk(x0_chunk, context, guidance, cache.low, t=t)
+
+    def recache(self, cache: MoECache, context: torch.Tensor, guidance) -> None:
+        self.high.recache(cache.high, context, guidance)
+        self.low.recache(cache.low, context, guidance)
+
+    def forward_teacher_forcing(self, x_clean: torch.Tensor, x_noisy: torch.Tensor,
+                                t: torch.Tensor, context: torch.Tensor,
+                                guidance=None) -> torch.Tensor:
+        return route_by_timestep(self.high.forward_teacher_forcing,
+                                 self.low.forward_teacher_forcing, x_clean, x_noisy, t, context,
+                                 guidance, self.boundary_t, self.chunk_frames)
