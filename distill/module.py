@@ -135,7 +135,7 @@ class ConsistencyDistillationModule(L.LightningModule):
         if self.partner_init is not None:
             self._partner = [load_causal_network(
                 self.student_config, Path(self.partner_init), device=device, mesh=mesh,
-                trainable=False, dtype=p.compute_dtype,
+                trainable=False, dtype=p.teacher_dtype,
                 reshard_after_forward=p.reshard_after_forward)]
         self.student = load_causal_network(
             self.student_config, init, device=device, mesh=mesh, trainable=True,

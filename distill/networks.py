@@ -28,7 +28,9 @@ from distill.sharding import (
 )
 from student.causal_dit import GUIDANCE_PREFIX, CausalWanModel
 from student.checkpoint import (
+    STUDENT_CONFIG_FILE,
     has_guidance_embedding,
+    read_student_config,
     student_from_wan_folder,
     student_weights_into,
 )
@@ -73,6 +75,9 @@ def load_causal_network(config: StudentConfig, folder: str | Path, *, device: to
         trainable: requires_grad and train mode, else frozen and eval.
     """
     folder = Path(folder)
+    if (folder / STUDENT_CONFIG_FILE).is_file() and read_student_config(folder).boundary is not None:
+        raise ValueError(f"{folder} holds a two-network student; start from one of its networks' "
+                         f"folders ({folder / 'high_noise_model'} or {folder / 'low_noise_model'})")
     keep_guidance = config.guidance_embedding and has_guidance_embedding(folder)
     if mesh is None:
         load = student_weights_into if keep_guidance else student_from_wan_folder

@@ -71,16 +71,8 @@ class MoECache:
     def num_chunks(self) -> int:
         return self.low.num_chunks
 
-    @property
-    def num_frames(self) -> int:
-        return self.low.num_frames
-
     def nbytes(self) -> int:
         return self.high.nbytes() + self.low.nbytes()
-
-    def clear(self) -> None:
-        self.high.clear()
-        self.low.clear()
 
 
 class MoEStudent(nn.Module):

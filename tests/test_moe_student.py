@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from distill.networks import load_causal_network
 from distill.ode_init import levels_of_expert, ode_regression_step
 from student.causal_dit import CausalWanModel
 from student.checkpoint import MOE_SUBFOLDERS, load_student, save_moe_student, save_student
@@ -114,6 +115,14 @@ def test_folder_round_trip(tmp_path):
             assert torch.equal(getattr(loaded, name).state_dict()[k], v)
     with pytest.raises(ValueError, match="boundary"):
         save_moe_student(tmp_path / "t", moe, replace(CONFIG, boundary=0.5))
+    # Training starts from one network's folder, and says which when given the pair.
+    with pytest.raises(ValueError, match="high_noise_model"):
+        load_causal_network(replace(CONFIG, boundary=None), tmp_path / "s",
+                            device=torch.device("cpu"), mesh=None, trainable=True)
+    single = load_causal_network(replace(CONFIG, boundary=None), tmp_path / "s" / "low_noise_model",
+                                 device=torch.device("cpu"), mesh=None, trainable=True)
+    for k, v in moe.low.state_dict().items():
+        assert torch.equal(single.state_dict()[k], v)
     # A one-network folder still loads as one network.
     save_student(tmp_path / "one", network(3), replace(CONFIG, boundary=None))
     assert isinstance(load_student(tmp_path / "one")[0], CausalWanModel)
