@@ -38,7 +38,7 @@ from distill.networks import FrozenExperts, ema_copy, load_causal_network
 from distill.sharding import paired_local_tensors, reshard_all
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig, student_config_from_dict
-from student.moe import boundary_timestep, route_by_timestep
+from student.moe import route_by_timestep
 
 
 class ConsistencyDistillationModule(L.LightningModule):
@@ -200,11 +200,11 @@ class ConsistencyDistillationModule(L.LightningModule):
         if self.expert is None:
             return own
         sampling = self.teacher_config.sampling
-        boundary_t = boundary_timestep(sampling.boundary, sampling.num_train_timesteps)
         other = self._partner[0].forward_teacher_forcing if self._partner else _no_partner
         high, low = (own, other) if self.expert == "high" else (other, own)
-        return functools.partial(route_by_timestep, high, low, boundary_t=boundary_t,
-                                 chunk_frames=self.student_config.chunk_frames)
+        return functools.partial(route_by_timestep, high, low, boundary=sampling.boundary,
+                                 chunk_frames=self.student_config.chunk_frames,
+                                 num_train_timesteps=sampling.num_train_timesteps)
 
 
 def _no_partner(*_args, **_kwargs):

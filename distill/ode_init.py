@@ -29,7 +29,7 @@ import torch
 from distill.consistency import StudentFn, per_frame, teacher_guidance
 from distill.losses import ConsistencyLossKind, consistency_loss, x0_from_velocity
 from distill.networks import FrozenExperts
-from teacher.schedule import euler_sigmas, sigmas_to_timesteps
+from teacher.schedule import euler_sigmas, expert_high_mask, sigmas_to_timesteps
 
 
 class TrajectoryGrid(NamedTuple):
@@ -135,7 +135,8 @@ def levels_of_expert(sigmas: torch.Tensor, expert: str, boundary: float,
     """
     if expert not in ("high", "low"):
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
-    high = sigmas_to_timesteps(sigmas.double(), num_train_timesteps) >= boundary * num_train_timesteps
+    high = expert_high_mask(sigmas_to_timesteps(sigmas.double(), num_train_timesteps), boundary,
+                            num_train_timesteps)
     found = torch.nonzero(high if expert == "high" else ~high).flatten()
     if found.numel() == 0:
         raise ValueError(f"none of the student's sigmas {[round(float(s), 4) for s in sigmas]} is "

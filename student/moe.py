@@ -27,33 +27,34 @@ from torch import nn
 
 from student.causal_dit import CausalWanModel
 from student.kv_cache import KVCache
+from teacher.schedule import expert_high_mask
 
 VelocityFn = Callable[..., torch.Tensor]
 
 
-def boundary_timestep(boundary: float, num_train_timesteps: int) -> float:
-    """The first timestep of the high-noise network's range (t >= it runs ``high``)."""
-    if not 0.0 < boundary < 1.0:
-        raise ValueError(f"boundary={boundary!r} must lie strictly between 0 and 1 (the "
-                         f"teacher's expert switch as a fraction of the timesteps, A14B: 0.875)")
-    return boundary * num_train_timesteps
+def _single_range(is_high: torch.Tensor) -> str | None:
+    """"high" or "low" when every timestep lies on that side of the boundary, else None."""
+    if bool(is_high.all()):
+        return "high"
+    return None if bool(is_high.any()) else "low"
 
 
 def route_by_timestep(high: VelocityFn, low: VelocityFn, x_clean: torch.Tensor,
                       x_noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                      guidance, boundary_t: float, chunk_frames: int) -> torch.Tensor:
+                      guidance, boundary: float, chunk_frames: int,
+                      num_train_timesteps: int = 1000) -> torch.Tensor:
     """Teacher-forcing velocity of a two-network student, each chunk from its own network.
 
     ``high``/``low``: ``(x_clean, x_noisy, t, context, guidance) -> v``; ``t`` int64
-    [B, n_chunks]. A batch inside one range runs one network; a mixed batch (a consistency
-    target straddling the boundary) runs both and keeps each chunk's own.
+    [B, n_chunks]; the teacher's rule picks the network (``teacher.schedule.expert_high_mask``).
+    A batch inside one range runs one network; a mixed batch (a consistency target straddling
+    the boundary) runs both and keeps each chunk's own.
     """
     t = t if t.ndim == 2 else t[:, None].expand(-1, x_noisy.shape[2] // chunk_frames)
-    is_high = t >= boundary_t
-    if bool(is_high.all()):
-        return high(x_clean, x_noisy, t, context, guidance)
-    if not bool(is_high.any()):
-        return low(x_clean, x_noisy, t, context, guidance)
+    is_high = expert_high_mask(t, boundary, num_train_timesteps)
+    single = _single_range(is_high)
+    if single is not None:
+        return (high if single == "high" else low)(x_clean, x_noisy, t, context, guidance)
     v_high = high(x_clean, x_noisy, t, context, guidance)
     v_low = low(x_clean, x_noisy, t, context, guidance)
     per_frame = is_high.repeat_interleave(chunk_frames, dim=1)[:, None, :, None, None]
@@ -90,9 +91,11 @@ class MoEStudent(nn.Module):
             raise ValueError(f"the high and low networks must have one shape and chunking, got "
                              f"{high.config} (chunk_frames {high.chunk_frames}) and {low.config} "
                              f"(chunk_frames {low.chunk_frames})")
+        if not 0.0 < boundary < 1.0:
+            raise ValueError(f"boundary={boundary!r} must lie strictly between 0 and 1 (the "
+                             f"teacher's expert switch as a fraction of the timesteps, A14B: 0.875)")
         self.high, self.low = high, low
         self.boundary, self.num_train_timesteps = float(boundary), int(num_train_timesteps)
-        self.boundary_t = boundary_timestep(self.boundary, self.num_train_timesteps)
 
     # The single student's descriptive attributes, read by the engine and the evaluation.
     @property
@@ -117,13 +120,12 @@ class MoEStudent(nn.Module):
 
     def network_of(self, t: torch.Tensor) -> CausalWanModel:
         """The network of a chunk step whose timesteps ``t`` lie in one range."""
-        is_high = t >= self.boundary_t
-        if bool(is_high.all()):
-            return self.high
-        if not bool(is_high.any()):
-            return self.low
-        raise ValueError(f"timesteps {t.flatten().tolist()} straddle the boundary "
-                         f"{self.boundary_t:g}; a streaming step runs one network")
+        single = _single_range(expert_high_mask(t, self.boundary, self.num_train_timesteps))
+        if single is None:
+            raise ValueError(f"timesteps {t.flatten().tolist()} straddle the boundary "
+                             f"{self.boundary * self.num_train_timesteps:g}; a streaming step "
+                             f"runs one network")
+        return self.high if single == "high" else self.low
 
     def new_cache(self, batch_size: int, device=None, **policy) -> MoECache:
         return MoECache(self.high.new_cache(batch_size, device, **policy),
@@ -149,4 +151,5 @@ class MoEStudent(nn.Module):
                                 guidance=None) -> torch.Tensor:
         return route_by_timestep(self.high.forward_teacher_forcing,
                                  self.low.forward_teacher_forcing, x_clean, x_noisy, t, context,
-                                 guidance, self.boundary_t, self.chunk_frames)
+                                 guidance, self.boundary, self.chunk_frames,
+                                 self.num_train_timesteps)

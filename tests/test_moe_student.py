@@ -47,11 +47,11 @@ def test_route_by_timestep_runs_one_network_per_range_and_mixes_per_chunk():
 
     x = torch.zeros(2, 3, 4, 2, 2)  # 2 chunks of 2 frames
     v = route_by_timestep(high, low, x, x, torch.tensor([[900, 875], [999, 880]]), None, None,
-                          875.0, 2)
+                          0.875, 2)
     assert calls == ["high"] and bool((v == 1).all())
     calls.clear()
     v = route_by_timestep(high, low, x, x, torch.tensor([[900, 100], [874, 875]]), None, None,
-                          875.0, 2)
+                          0.875, 2)
     assert calls == ["high", "low"]
     expected = torch.tensor([[1, 1, -1, -1], [-1, -1, 1, 1]], dtype=torch.float32)
     torch.testing.assert_close(v[:, 0, :, 0, 0], expected)
