@@ -50,7 +50,7 @@ class ARAdaptationConfig:
     prompt encoding so classifier-free guidance keeps working.
     """
 
-    max_steps: int = 200
+    max_steps: int = 600
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
     caption_dropout: float = 0.1
@@ -72,8 +72,8 @@ class ODEInitConfig:
         settles within a few hundred steps on the shapes world (0.007 against 0.10).
     """
 
-    max_steps: int = 1000
-    max_steps_low: int | None = 500
+    max_steps: int = 700
+    max_steps_low: int | None = 400
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20))
     num_trajectories: int | None = 512
@@ -106,7 +106,7 @@ class ODEInitConfig:
 class ConsistencyConfig:
     """Stage B: causal consistency distillation into the student (``distill.consistency``)."""
 
-    max_steps: int = 200  # per network trained
+    max_steps: int = 150  # per network trained
     # For a two-network student: the networks stage B trains; the others keep their
     # ODE-initialised weights. On the shapes world stage B gained the high-noise network 1 point
     # of joint accuracy and cost the low-noise one 2.5 (BENCHMARKS.md, "Two-expert student").

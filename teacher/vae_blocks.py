@@ -69,8 +69,9 @@ class CausalConv3d(nn.Conv3d):
         over all output frames at once, summed.
 
         Why: on the CPU PyTorch runs Conv3d through its slow im2col kernel (``slow_conv3d``),
-        while Conv2d goes through oneDNN; at the shapes VAE's sizes this path is ~4x faster and
-        equal up to float summation order (tested against ``F.conv3d``).
+        while Conv2d goes through oneDNN; with the norm below it makes the shapes VAE's decode
+        1.5x faster (tests/benchmarks/bench_vae_decode.py), equal up to float summation order
+        (tested against ``F.conv3d``). CUDA keeps the plain Conv3d (cuDNN runs it well).
         """
         taps, stride_t = self.kernel_size[0], self.stride[0]
         batch, channels, frames, height, width = x.shape

@@ -49,6 +49,7 @@ from distill.module import ConsistencyDistillationModule  # noqa: E402
 from distill.ode_init import trajectory_grid  # noqa: E402
 from distill.ode_module import ODEInitModule  # noqa: E402
 from distill.sharding import full_state_dict  # noqa: E402
+from student.checkpoint import load_student  # noqa: E402
 from student.config import StudentConfig, student_config_to_dict  # noqa: E402
 from student.sampler import student_sigmas  # noqa: E402
 from teacher.config import teacher_config_to_dict  # noqa: E402
@@ -196,6 +197,32 @@ def main() -> None:
         save_safetensors_atomic(start_b, out / "stage_b_from_ode.safetensors")
     torch.distributed.barrier()
     mark("ODE init + stage B from it")
+
+    # 6. Stage B of a two-network student's high-noise network, sharded: its last interval's
+    #    target comes from the frozen low-noise partner (here the ODE student), which is sharded
+    #    and stored like the teacher and must stay out of the checkpoint.
+    L.seed_everything(0, verbose=False)
+    module_h = ConsistencyDistillationModule(
+        str(causal_dir), student_config_to_dict(TINY_STUDENT), str(out / "ode_student"),
+        ConsistencyConfig(max_steps=0, batch_size=2, optim=QUICK, num_intervals=6), parallel,
+        seed=11, expert="high", partner_init=str(out / "ode_student"))
+    trainer(1, checkpoint_dir=out / "checkpoints_high").fit(module_h, data())
+    partner = module_h._partner[0]
+    partner_q = partner.blocks[0].self_attn.q.weight
+    partner_full = full_state_dict(partner)
+    if rank == 0:
+        ode_state = load_student(out / "ode_student")[0].state_dict()
+        (out / "high_network.json").write_text(json.dumps({
+            "partner_sharded": isinstance(partner_q, DTensor),
+            "partner_dtype": str(partner_q.dtype),
+            "partner_trainable": any(p.requires_grad for p in partner.parameters()),
+            "partner_is_ode_student": set(partner_full) == set(ode_state) and all(
+                torch.equal(partner_full[k], v.to(partner_full[k].dtype))
+                for k, v in ode_state.items()),
+            "experts": sorted({e for _, e in module_h.chosen_experts}),
+        }))
+    torch.distributed.barrier()
+    mark("stage B of the high-noise network with its partner")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,21 @@ def test_sharded_ode_init_export_starts_stage_b(run):
     init = load_file(run["out"] / "causal_teacher" / "high_noise_model"
                      / "diffusion_pytorch_model.safetensors")
     assert sum(not torch.equal(start_b[k], init[k]) for k in init) > len(init) // 2
+
+
+def test_sharded_high_network_keeps_its_partner_frozen_and_out_of_checkpoints(run):
+    # Stage B of a two-network student's high-noise network under FSDP2: the low-noise partner
+    # that supplies the last interval's target is sharded and stored like the teacher (bf16,
+    # frozen), holds exactly the weights it was given, and only the trained network is saved.
+    out = run["out"]
+    high = json.loads((out / "high_network.json").read_text())
+    assert high == {"partner_sharded": True, "partner_dtype": "torch.bfloat16",
+                    "partner_trainable": False, "partner_is_ode_student": True,
+                    "experts": ["high"]}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(out / "checkpoints_high" / "last.ckpt")).read_metadata()
+    model_keys = {k for k in keys.state_dict_metadata if k.startswith("state_dict.")}
+    assert model_keys and all(k.startswith(("state_dict.student.", "state_dict.ema_student."))
+                              for k in model_keys)
+    assert len(model_keys) == 2 * len(load_file(out / "final_full.safetensors"))

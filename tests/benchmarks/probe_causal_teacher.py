@@ -1,0 +1,88 @@
+"""How good is the stage-A causal teacher? Its own videos, judged by the oracle.
+
+The causal teacher (``<run_dir>/causal_teacher``, written by stage A of ``wan-distill distill``)
+samples the evaluation's prompts chunk by chunk exactly as the ODE initialisation samples its
+trajectories (``distill.ode_init.causal_teacher_trajectories``: Euler, CFG per expert, its own
+finished chunks in the KV caches), and the shapes oracle judges the decoded videos. Its accuracy
+is the ceiling of what the student can learn from those trajectories (BENCHMARKS.md, "Stage A
+length").
+
+    python tests/benchmarks/probe_causal_teacher.py --causal-teacher ~/.cache/wan-distill/runs/shapes/causal_teacher
+    python tests/benchmarks/probe_causal_teacher.py --causal-teacher DIR --guidance 1.5 2 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from distill.ar_adaptation import read_causal_teacher  # noqa: E402
+from distill.networks import FrozenExperts, load_causal_network  # noqa: E402
+from distill.ode_init import causal_teacher_trajectories, trajectory_grid  # noqa: E402
+from eval.oracle import accuracy  # noqa: E402
+from eval.shapes_world import eval_prompts  # noqa: E402
+from eval.systems import seeded_noise  # noqa: E402
+from student.sampler import student_sigmas  # noqa: E402
+from teacher.checkpoint import load_teacher  # noqa: E402
+from teacher.pipeline import decode_latents, encode_prompts, latent_shape  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--causal-teacher", required=True, help="a run's causal_teacher folder")
+    parser.add_argument("--teacher", default=str(ROOT / "teacher/weights/shapes"),
+                        help="the teacher whose text encoder and VAE it shares")
+    parser.add_argument("--steps", type=int, default=8, help="Euler steps per chunk")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0],
+                        help="low-noise CFG scales (the high-noise expert adds the teacher's gap)")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--prompt-seed", type=int, default=0, help="0: the evaluation's prompts")
+    parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = Path(args.causal_teacher).expanduser()
+    if not folder.is_dir():
+        raise SystemExit(f"--causal-teacher {folder} is not a folder; pass <run_dir>/causal_teacher "
+                         f"of a `wan-distill distill` run")
+    models = load_teacher(Path(args.teacher))
+    teacher_config, expert_config = read_causal_teacher(folder)
+    experts = FrozenExperts(*[
+        load_causal_network(expert_config, folder / sub, device=torch.device("cpu"), mesh=None,
+                            trainable=False, dtype="fp32")
+        for sub in (teacher_config.expert_high_dir, teacher_config.expert_low_dir)])
+    sampling = teacher_config.sampling
+    # The student's 4 sigmas must lie on the grid only for trajectories; any multiple of 4 works.
+    grid = trajectory_grid(args.steps, sampling.shift, student_sigmas(4, sampling.shift))
+    prompts = eval_prompts(args.num_prompts, args.prompt_seed)
+    shape = latent_shape(models, sampling.frames, sampling.height, sampling.width)
+    negative = encode_prompts(models, [sampling.negative_prompt], "cpu")
+    for guidance in args.guidance:
+        start, videos = time.perf_counter(), []
+        for first in range(0, len(prompts), args.batch_size):
+            batch = prompts[first:first + args.batch_size]
+            noise, _ = seeded_noise(shape, [args.noise_seed + first + i for i in range(len(batch))])
+            _, ends = causal_teacher_trajectories(
+                experts, noise, encode_prompts(models, batch, "cpu"), negative,
+                torch.full((len(batch),), guidance), grid, boundary=sampling.boundary,
+                guidance_offset=sampling.guidance_high - sampling.guidance_low,
+                chunk_frames=expert_config.chunk_frames,
+                num_train_timesteps=sampling.num_train_timesteps)
+            with torch.no_grad():
+                videos.extend(decode_latents(models, ends).numpy())
+        acc = accuracy(videos, prompts)
+        print(f"causal teacher, Euler {args.steps}, guidance {guidance:g}, N={len(prompts)}: "
+              f"joint {acc['joint']:.1%} (colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
+              f"motion {acc['motion']:.1%}) in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
