@@ -4,8 +4,8 @@ The causal teacher (``<run_dir>/causal_teacher``, written by stage A of ``wan-di
 samples the evaluation's prompts chunk by chunk exactly as the ODE initialisation samples its
 trajectories (``distill.ode_init.causal_teacher_trajectories``: Euler, CFG per expert, its own
 finished chunks in the KV caches), and the shapes oracle judges the decoded videos. Its accuracy
-is the ceiling of what the student can learn from those trajectories (BENCHMARKS.md, "Stage A
-length").
+is the ceiling of what the student can learn from those trajectories (BENCHMARKS.md, "Against
+the run-6 teacher (session 10)").
 
     python tests/benchmarks/probe_causal_teacher.py --causal-teacher ~/.cache/wan-distill/runs/shapes/causal_teacher
     python tests/benchmarks/probe_causal_teacher.py --causal-teacher DIR --guidance 1.5 2 --steps 8
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 4 or args.steps % 4:
+        raise SystemExit(f"--steps {args.steps} must be a positive multiple of 4: the trajectory "
+                         f"grid holds the student's 4 sigmas, as in the ODE initialisation")
     torch.set_num_threads(args.threads)
     folder = Path(args.causal_teacher).expanduser()
     if not folder.is_dir():
@@ -60,19 +63,23 @@ def main() -> None:
                             trainable=False, dtype="fp32")
         for sub in (teacher_config.expert_high_dir, teacher_config.expert_low_dir)])
     sampling = teacher_config.sampling
-    # The student's 4 sigmas must lie on the grid only for trajectories; any multiple of 4 works.
+    # The same grid as the ODE initialisation's (it must hold the student's 4 sigmas).
     grid = trajectory_grid(args.steps, sampling.shift, student_sigmas(4, sampling.shift))
     prompts = eval_prompts(args.num_prompts, args.prompt_seed)
     shape = latent_shape(models, sampling.frames, sampling.height, sampling.width)
     negative = encode_prompts(models, [sampling.negative_prompt], "cpu")
+    # Each batch's prompts and noise, prepared once for every guidance scale.
+    batches = []
+    for first in range(0, len(prompts), args.batch_size):
+        texts = prompts[first:first + args.batch_size]
+        noise, _ = seeded_noise(shape, [args.noise_seed + first + i for i in range(len(texts))])
+        batches.append((encode_prompts(models, texts, "cpu"), noise))
     for guidance in args.guidance:
         start, videos = time.perf_counter(), []
-        for first in range(0, len(prompts), args.batch_size):
-            batch = prompts[first:first + args.batch_size]
-            noise, _ = seeded_noise(shape, [args.noise_seed + first + i for i in range(len(batch))])
+        for context, noise in batches:
             _, ends = causal_teacher_trajectories(
-                experts, noise, encode_prompts(models, batch, "cpu"), negative,
-                torch.full((len(batch),), guidance), grid, boundary=sampling.boundary,
+                experts, noise, context, negative,
+                torch.full((noise.shape[0],), guidance), grid, boundary=sampling.boundary,
                 guidance_offset=sampling.guidance_high - sampling.guidance_low,
                 chunk_frames=expert_config.chunk_frames,
                 num_train_timesteps=sampling.num_train_timesteps)
