@@ -41,6 +41,10 @@ def pick_device(name: str, threads: int | None = None):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # Here, not in main: `stream` and `serve` take one guidance value, a float.
+    if args.guidance is not None and len(args.guidance) > 2:
+        raise SystemExit(f"error: --guidance {' '.join(map(str, args.guidance))} gives "
+                         f"{len(args.guidance)} values; pass one (both experts) or two (HIGH LOW)")
     import torch
     from tqdm import tqdm
 
@@ -126,6 +130,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if args.seconds <= 0:
         raise SystemExit(f"error: --seconds {args.seconds} must be positive")
     engine = _engine_factory(args)()
+    try:
+        engine.check_guidance(args.guidance)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: --guidance: {err}") from None
 
     def show(s):
         if not args.quiet:
@@ -252,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "guidance", None) is not None and len(args.guidance) > 2:
-        raise SystemExit("error: --guidance takes one value (both experts) or two (HIGH LOW)")
     return args.func(args)
 
 

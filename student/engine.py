@@ -118,7 +118,7 @@ class StudentStreamEngine:
     def start(self, prompt: str, seed: int = 0, guidance: float | None = None) -> None:
         """(Re)start from scratch: caches cleared, frame index 0, prompt_version 0."""
         self._check_prompt(prompt)
-        self._check_guidance(guidance)
+        self.check_guidance(guidance)
         self._started, self._paused = True, False
         self._pending = {}
         self._prompt, self._seed = prompt, int(seed)
@@ -139,7 +139,7 @@ class StudentStreamEngine:
 
     def set_guidance(self, g: float | None) -> None:
         """Set the guidance scale from the next chunk on (None = ``config.guidance_default``)."""
-        self._check_guidance(g)
+        self.check_guidance(g)
         self._pending["guidance"] = None if g is None else float(g)
 
     def pause(self) -> None:
@@ -291,7 +291,8 @@ class StudentStreamEngine:
             raise ValueError(f"prompt {prompt!r} is empty; give a description such as "
                              f"'a red circle moving left'")
 
-    def _check_guidance(self, g: float | None) -> None:
+    def check_guidance(self, g: float | None) -> None:
+        """Raise ValueError naming the trained range if ``g`` (None: the default) is outside it."""
         if g is None:
             return
         try:

@@ -43,6 +43,7 @@ def test_parse_size():
     (["--steps", "0"], "steps 0"),
     (["--solver", "dpm"], "unknown solver"),
     (["--prompt", ""], "the prompt is empty"),
+    (["--guidance", "4", "3", "2"], "gives 3 values; pass one"),
 ])
 def test_cli_rejects_bad_input_before_loading(tmp_path, argv, message, monkeypatch):
     import teacher.checkpoint

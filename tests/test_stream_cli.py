@@ -51,3 +51,15 @@ def test_stream_errors_name_the_fix(folders, tmp_path):
     with pytest.raises(ValueError, match="not SECONDS:PROMPT"):
         parse_switch("2:")
     assert parse_switch("2.5: a cat ") == (2.5, "a cat")
+
+
+def test_stream_takes_one_guidance_value(folders, tmp_path, capsys):
+    """`stream --guidance G` reaches the engine (it once crashed in main's check for `generate`'s
+    list-valued --guidance); a scale outside the student's trained range is refused by name."""
+    student, teacher = folders
+    base = ["stream", "--student", str(student), "--teacher-dir", str(teacher), "--prompt",
+            "a red circle moving left", "--seconds", "0.5", "--device", "cpu", "--quiet"]
+    assert main(base + ["--guidance", "2.5"]) == 0
+    assert "frames" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--guidance: guidance 7.0 .*\[1, 5.0\]"):
+        main(base + ["--guidance", "7"])
