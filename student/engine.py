@@ -302,7 +302,8 @@ class StudentStreamEngine:
         if not math.isfinite(value) or not 1.0 <= value <= self.config.guidance_max:
             raise ValueError(f"guidance {g!r} is outside the trained range [1, "
                              f"{self.config.guidance_max}] of student {self.config.name!r}; "
-                             f"pass a value in it, or None for {self.config.guidance_default}")
+                             f"pass a value in it, or leave it unset for the default "
+                             f"{self.config.guidance_default}")
 
 
 class _Clock:
