@@ -152,11 +152,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from student.checkpoint import read_student_config
     from student.server.app import serve_main
+    from student.server.protocol import ProtocolLimits
 
     factory = _engine_factory(args)
+    trained = read_student_config(_student_and_teacher_dirs(args)[0])
+    limits = ProtocolLimits(min_guidance=1.0, max_guidance=trained.guidance_max)
     serve_main(factory, host=args.host, port=args.port, record_dir=args.record_dir,
-               max_sessions=args.max_sessions)
+               max_sessions=args.max_sessions, limits=limits)
     return 0
 
 

@@ -330,6 +330,33 @@ def test_controls_pause_resume_reset_and_seed_reach_the_engine_at_boundaries():
     run(scenario())
 
 
+def test_guidance_outside_the_limits_is_refused_and_the_stream_goes_on():
+    limits = P.ProtocolLimits(min_guidance=1.0, max_guidance=3.0)
+
+    async def scenario():
+        async with serve(fake_factory(chunk_frames=4, delay_s=0.01), port=0,
+                         limits=limits) as server:
+            async with connect(server.ws_url) as ws:
+                c = Client(ws)
+                hello = await c.text_of_type("hello")
+                assert (hello["limits"]["min_guidance"], hello["limits"]["max_guidance"]) == (1.0, 3.0)
+                await ws.send(start_msg(guidance=0.5))
+                error = await c.text_of_type("error")
+                assert error["code"] == P.E_BAD_FIELD and not error["fatal"]
+                assert "'guidance'=0.5 is outside [1, 3]" in error["message"]
+                await ws.send(start_msg(guidance=2.0))
+                await ws.send(credit(256))
+                await c.text_of_type("started")
+                await c.frames_until(4)
+                await ws.send(json.dumps({"type": "guidance", "guidance": 4}))
+                error = await c.text_of_type("error")
+                assert error["code"] == P.E_BAD_FIELD and "outside [1, 3]" in error["message"]
+                await c.frames_until(len(c.frames) + 8)     # still streaming
+                assert not any(t["type"] == "stopped" for t in c.texts)
+                assert session_metrics(server, hello["session"])["state"] == "running"
+    run(scenario())
+
+
 def test_fuzzed_messages_get_errors_and_never_crash_the_server():
     rng = np.random.default_rng(1234)
     values = [None, True, -1, 0, 2**70, 1.5, "x", "", [], {}, [1, [2]], {"a": {"b": 1}},

@@ -171,11 +171,21 @@ def test_limits_are_enforced_exactly_at_the_boundary():
                 '{"type": "guidance", "guidance": 10.01}'):
         with pytest.raises(P.ProtocolError):
             P.parse_control(bad, limits)
+    # A lower bound (the student's trained range starts at 1) holds exactly at its edge too.
+    floor = P.ProtocolLimits(min_guidance=1.0, max_guidance=3.0)
+    assert P.parse_control('{"type": "guidance", "guidance": 1}', floor) == P.SetGuidance(1.0)
+    assert P.parse_control('{"type": "guidance", "guidance": 3}', floor) == P.SetGuidance(3.0)
+    assert P.parse_control('{"type": "guidance", "guidance": null}', floor) == P.SetGuidance(None)
+    for bad in ('{"type": "guidance", "guidance": 0.99}', '{"type": "guidance", "guidance": 3.01}'):
+        with pytest.raises(P.ProtocolError, match="is outside \\[1, 3\\]"):
+            P.parse_control(bad, floor)
 
 
 def test_limits_and_config_validate_their_values(tmp_path):
     with pytest.raises(ValueError, match="max_prompt_chars"):
         P.ProtocolLimits(max_prompt_chars=0)
+    with pytest.raises(ValueError, match=r"min_guidance=4 must lie in \[0, max_guidance=3"):
+        P.ProtocolLimits(min_guidance=4, max_guidance=3.0)
     with pytest.raises(ValueError, match="record_all=True needs record_dir"):
         ServerConfig(record_all=True)
     with pytest.raises(ValueError, match="ws_max_size"):

@@ -63,3 +63,18 @@ def test_stream_takes_one_guidance_value(folders, tmp_path, capsys):
     assert "frames" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"--guidance: guidance 7.0 .*\[1, 5.0\]"):
         main(base + ["--guidance", "7"])
+
+
+def test_serve_limits_guidance_to_the_students_trained_range(folders, monkeypatch):
+    """`serve` hands the server the student's range, so the web page's out-of-range scale is a
+    refused field and not an engine error that would end the stream."""
+    import student.server.app as app
+
+    student, teacher = folders
+    seen = {}
+    monkeypatch.setattr(app, "serve_main", lambda factory, **kw: seen.update(kw, factory=factory))
+    assert main(["serve", "--student", str(student), "--teacher-dir", str(teacher),
+                 "--device", "cpu", "--port", "0"]) == 0
+    limits = seen["limits"]
+    assert (limits.min_guidance, limits.max_guidance) == (1.0, 5.0)
+    assert callable(seen["factory"])

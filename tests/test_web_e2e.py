@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from student.server import serve
+from student.server.protocol import ProtocolLimits
 from tests.stream_fakes import FakeEngine, decode_barcode
 
 CHROMIUM = "/usr/bin/chromium"
@@ -86,13 +87,16 @@ def canvas_pixels(page) -> np.ndarray:
 def test_page_streams_switches_prompt_and_shows_metrics():
     t0 = time.perf_counter()
     # 4-frame chunks every ~50 ms: faster than the 16 fps playback, so credits pace the server.
-    with ServerThread(lambda: FakeEngine(chunk_frames=4, delay_s=0.05)) as srv, \
+    limits = ProtocolLimits(min_guidance=1.0, max_guidance=3.0)  # what `serve` sets from the student
+    with ServerThread(lambda: FakeEngine(chunk_frames=4, delay_s=0.05), limits=limits) as srv, \
             sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 640})
             page.goto(srv.server.url)
             page.wait_for_function("window.__metrics.state === 'ready'", timeout=10_000)
+            # The guidance field takes the server's range from its hello.
+            assert page.eval_on_selector("#guidance", "g => [g.min, g.max]") == ["1", "3"]
             page.fill("#prompt", "a red circle moving left")
             page.fill("#seed", "42")
             page.click("#start")
@@ -131,6 +135,17 @@ def test_page_streams_switches_prompt_and_shows_metrics():
             session = server["per_session"][0]
             assert server["sessions"] == 1 and session["frames_sent"] >= m["framesPainted"]
             assert session["prompt_version"] == 1 and session["ttff_s"] > 0
+
+            # A scale outside the range is refused with a reason and the stream goes on.
+            painted = page.evaluate("window.__metrics.framesPainted")
+            page.fill("#guidance", "4")
+            page.dispatch_event("#guidance", "change")
+            page.wait_for_function("window.__metrics.errors.length > 0", timeout=5_000)
+            refused = page.evaluate("window.__metrics.errors")
+            assert len(refused) == 1 and refused[0].startswith("bad_field: 'guidance'=4")
+            page.wait_for_function(f"window.__metrics.framesPainted >= {painted + 6}",
+                                   timeout=10_000)
+            assert page.evaluate("window.__metrics.state") == "streaming"
 
             page.click("#stop")
             page.wait_for_function("window.__metrics.state === 'stopped'", timeout=5_000)

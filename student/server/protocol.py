@@ -93,6 +93,10 @@ class ProtocolLimits:
     max_prompt_chars: int = 1000    # characters of a prompt after JSON decoding
     max_credit: int = 256           # largest grant in one credit message, and outstanding total
     max_seed: int = 2**63 - 1
+    # The guidance scales a client may ask for. `wan-distill serve` sets them to the student's
+    # trained range, so a scale outside it is a refused field, not an engine failure that would
+    # end the stream.
+    min_guidance: float = 0.0
     max_guidance: float = 100.0
 
     def __post_init__(self) -> None:
@@ -101,6 +105,9 @@ class ProtocolLimits:
                 raise ValueError(f"ProtocolLimits.{name} must be >= 1, got {getattr(self, name)}")
         if not self.max_guidance > 0:
             raise ValueError(f"ProtocolLimits.max_guidance must be > 0, got {self.max_guidance}")
+        if not 0 <= self.min_guidance <= self.max_guidance:
+            raise ValueError(f"ProtocolLimits.min_guidance={self.min_guidance} must lie in [0, "
+                             f"max_guidance={self.max_guidance}]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,9 +267,10 @@ def _check_guidance(value: Any, limits: ProtocolLimits) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(E_BAD_FIELD, f"'guidance' must be a number or null, got "
                                          f"{type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= limits.max_guidance):
-        raise ProtocolError(E_BAD_FIELD, f"'guidance'={value} is outside [0, "
-                                         f"{limits.max_guidance}]")
+    if not (math.isfinite(value) and limits.min_guidance <= value <= limits.max_guidance):
+        raise ProtocolError(E_BAD_FIELD, f"'guidance'={value} is outside [{limits.min_guidance:g}, "
+                                         f"{limits.max_guidance:g}]; send a value in it, or null "
+                                         f"for the default")
     return float(value)
 
 
