@@ -41,8 +41,9 @@ from eval.latency import side_by_side, summarize
 from eval.lpips_metric import lpips_per_video
 from eval.clip_score import clip_score_per_video
 from eval.oracle import judge
+from eval.oracle_stats import paired_comparison, wilson_interval
 from eval.paired import paired_psnr_ssim
-from eval.report import available, not_applicable, unavailable
+from eval.report import available, is_ok, not_applicable, unavailable
 from eval.shapes_world import (COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, parse_caption,
                                 render, sample_spec)
 from eval.systems import StudentSystem, TeacherSystem, VideoSystem
@@ -247,6 +248,9 @@ class VideoFeatures(Metric):
 
 
 ORACLE_FIELDS = ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion")
+# OracleCounts.compute's per-prompt verdicts; EvalModule pairs systems with them and drops them
+# from the report.
+JOINT_BY_PROMPT = "joint_by_prompt"
 # The values of each factor, in the order of the confusion tables' rows and columns.
 FACTOR_VALUES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
 NOT_RECOVERED = "none"  # the confusion column of videos whose factor the oracle could not read
@@ -269,15 +273,24 @@ class OracleCounts(Metric):
         for factor, values in FACTOR_VALUES.items():
             self.add_state(f"confusion_{factor}", dist_reduce_fx="sum",
                            default=torch.zeros(len(values), len(values) + 1, dtype=torch.int64))
+        # Each prompt's joint verdict, so that two systems pair up prompt by prompt.
+        self.add_state("prompt_index", default=[], dist_reduce_fx="cat")
+        self.add_state("prompt_joint", default=[], dist_reduce_fx="cat")
 
-    def update(self, videos: torch.Tensor, prompts: Sequence[str]) -> None:
-        """videos uint8 [B, T, H, W, 3]; prompts: shapes-world captions (either language)."""
+    def update(self, videos: torch.Tensor, prompts: Sequence[str],
+               indices: Sequence[int] | None = None) -> None:
+        """videos uint8 [B, T, H, W, 3]; prompts: shapes-world captions (either language);
+        indices: the prompts' positions in the evaluation's list (for the paired comparison)."""
         if len(videos) != len(prompts):
             raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
+        if indices is not None and len(indices) != len(prompts):
+            raise ValueError(f"{len(indices)} indices but {len(prompts)} prompts")
         targets = [parse_caption(p) for p in prompts]  # all checked before anything is counted
+        joint = []
         for video, prompt, target in zip(videos.cpu().numpy(), prompts, targets):
             verdict = judge(video)
             hits = verdict.matches(target)
+            joint.append(bool(hits["joint"]))
             row = [1, hits["colour"], hits["shape"], hits["motion"], hits["joint"],
                    not verdict.found, verdict.found and verdict.motion is None]
             self.counts[LANGS.index(caption_lang(prompt))] += torch.tensor(
@@ -287,6 +300,11 @@ class OracleCounts(Metric):
                 column = values.index(recovered) if recovered is not None else len(values)
                 table = getattr(self, f"confusion_{factor}")
                 table[values.index(getattr(target, factor)), column] += 1
+        if indices is not None:
+            self.prompt_index.append(torch.as_tensor(list(indices), dtype=torch.int64,
+                                                     device=self.counts.device))
+            self.prompt_joint.append(torch.tensor(joint, dtype=torch.bool,
+                                                  device=self.counts.device))
 
     def compute(self) -> dict:
         counts = self.counts.cpu()
@@ -302,6 +320,8 @@ class OracleCounts(Metric):
             return result
 
         result = summary(counts.sum(dim=0))
+        if result["n"]:
+            result["joint_ci95"] = list(wilson_interval(result["correct"]["joint"], result["n"]))
         result["by_language"] = {lang: summary(counts[i]) for i, lang in enumerate(LANGS)}
         result["by_value"], result["confusion"] = {}, {}
         for factor, values in FACTOR_VALUES.items():
@@ -314,7 +334,38 @@ class OracleCounts(Metric):
             result["confusion"][factor] = {
                 value: {columns[j]: int(c) for j, c in enumerate(table[i].tolist()) if c}
                 for i, value in enumerate(values) if table[i].sum() > 0}
+        result[JOINT_BY_PROMPT] = self._joint_by_prompt()
         return result
+
+    def _joint_by_prompt(self) -> dict[int, bool]:
+        """{prompt index: joint verdict}; a prompt seen twice (a sampler's padding repeats one
+        on another process) keeps its first verdict, which is the same video."""
+        index, joint = self.prompt_index, self.prompt_joint
+        if isinstance(index, list):  # not synced: this process's batches, or none at all
+            if not index:
+                return {}
+            index, joint = torch.cat(index), torch.cat(joint)
+        verdicts: dict[int, bool] = {}
+        for i, ok in zip(index.cpu().tolist(), joint.cpu().tolist()):
+            verdicts.setdefault(int(i), bool(ok))
+        return verdicts
+
+
+def add_oracle_comparisons(results: list[dict], verdicts: dict[str, dict[int, bool]]) -> None:
+    """Each student's oracle slot gains ``versus``: per teacher system, the exact McNemar
+    comparison on the prompts both were judged on (``eval.oracle_stats.paired_comparison``)."""
+    teachers = [r["name"] for r in results if r.get("kind") == "teacher" and r["name"] in verdicts]
+    for entry in results:
+        name = entry["name"]
+        if entry.get("kind") != "student" or name not in verdicts or not is_ok(entry.get("oracle")):
+            continue
+        versus = {}
+        for teacher in teachers:
+            shared = sorted(verdicts[name].keys() & verdicts[teacher].keys())
+            if shared:
+                versus[teacher] = paired_comparison([verdicts[name][i] for i in shared],
+                                                    [verdicts[teacher][i] for i in shared])
+        entry["oracle"]["versus"] = versus
 
 
 def _cat(metric: CatMetric) -> torch.Tensor:
@@ -554,7 +605,7 @@ class EvalModule(L.LightningModule):
             states["seconds"].update(out.seconds)
             states["videos"].update(len(prompts))
             if "oracle" in states:
-                states["oracle"].update(out.videos, prompts)
+                states["oracle"].update(out.videos, prompts, indices)
             if nets.fvd_model is not None and in_fvd:
                 states["fake"].update(self._features(out.videos[in_fvd]))
             if nets.clip_metric is not None:
@@ -620,8 +671,11 @@ class EvalModule(L.LightningModule):
             # ~50 ms per resample on a free 2-core CPU: a minute per system at the default 1000.
             self._bar = tqdm(total=resamples, desc="FVD bootstrap", unit="resample",
                              dynamic_ncols=True)
+        verdicts = {name: g["oracle"].pop(JOINT_BY_PROMPT) for name, g in gathered.items()
+                    if "oracle" in g}
         self.results = [self._result(system, gathered[system.name], real)
                         for system in self.systems]
+        add_oracle_comparisons(self.results, verdicts)
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -247,8 +247,8 @@ def format_markdown(report: dict) -> str:
                      "(same prompt, same initial noise), per frame, averaged per video.")
     lines.append("")
     header = ["System", "Steps", "NFE", "Latency s, median [IQR]", "First frame s",
-              "Oracle joint", "colour", "shape", "motion", "FVD [95% CI]", "PSNR dB", "SSIM",
-              "LPIPS", "CLIP score"]
+              "Oracle joint [95% CI]", "colour", "shape", "motion", "FVD [95% CI]", "PSNR dB",
+              "SSIM", "LPIPS", "CLIP score"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for s in report["systems"]:
@@ -256,7 +256,7 @@ def format_markdown(report: dict) -> str:
         star = " *" if s.get("pareto") else ""
         row = [f"{s['name']}{star}", str(s.get("steps", "-")), str(s.get("nfe", "-")),
                _timing_cell(s.get("latency_s")), _timing_cell(s.get("time_to_first_frame_s")),
-               _slot_cell(oracle, lambda o: f"{o['joint']:.3f} (N={o['n']})")]
+               _slot_cell(oracle, _joint_cell)]
         row += [_slot_cell(oracle, lambda o, f=f: _oracle_cell(o, f))
                 for f in ("colour", "shape", "motion")]
         row.append(_slot_cell(s.get("fvd"), _fvd_cell))
@@ -270,6 +270,7 @@ def format_markdown(report: dict) -> str:
     else:
         lines.append("No quality metric is available, so there is no Pareto front.")
     lines += _by_value_lines(report)
+    lines += _versus_lines(report)
     reasons = _unavailable_reasons(report)
     if reasons or report.get("skipped") or report.get("notes"):
         lines += ["", "## Notes", ""]
@@ -285,6 +286,31 @@ def format_markdown(report: dict) -> str:
     if seconds:
         lines.append("- Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _joint_cell(o: dict) -> str:
+    interval = o.get("joint_ci95")
+    within = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+    return f"{o['joint']:.3f}{within} (N={o['n']})"
+
+
+def _versus_lines(report: dict) -> list[str]:
+    """A table of each student against each teacher system on the same prompts (exact McNemar);
+    empty when no student has the comparison."""
+    rows = [(s["name"], teacher, c) for s in report["systems"] if is_ok(s.get("oracle"))
+            for teacher, c in (s["oracle"].get("versus") or {}).items()]
+    if not rows:
+        return []
+    lines = ["", "## Student against teacher, prompt by prompt", "",
+             "Same prompts, same noise seeds. Only the prompts where exactly one of the two is "
+             "right tell them apart; the p-value (exact McNemar, two-sided) is the chance of a "
+             "split at least this uneven between two equally good systems.", "",
+             "| Student | Teacher | only the student right | only the teacher right | "
+             "joint difference | p |", "|---|---|---|---|---|---|"]
+    for student, teacher, c in rows:
+        lines.append(f"| {student} | {teacher} | {c['only_a']} | {c['only_b']} | "
+                     f"{c['difference']:+.3f} (N={c['n']}) | {c['p_value']:.3g} |")
+    return lines
 
 
 def _by_value_lines(report: dict) -> list[str]:

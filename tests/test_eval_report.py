@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import binomtest
 
-from eval.distributed_eval import (NOT_RECOVERED, EvalConfig, MetricNetworks, OracleCounts,
-                                   SystemSpec, VideoFeatures, system_name)
+from eval.distributed_eval import (JOINT_BY_PROMPT, NOT_RECOVERED, EvalConfig, MetricNetworks,
+                                   OracleCounts, SystemSpec, VideoFeatures,
+                                   add_oracle_comparisons, system_name)
 from eval.latency import rotation, side_by_side, summarize
 from eval.oracle import accuracy, judge
 from eval.report import (
@@ -27,6 +29,7 @@ from eval.report import (
     available,
     build_report,
     format_markdown,
+    not_applicable,
     pareto_front,
     unavailable,
 )
@@ -230,11 +233,17 @@ def test_oracle_counts_equal_eval_oracle_accuracy():
     videos[1] = videos[0]  # a wrong video for prompt 1
     videos[4] = np.zeros_like(videos[4])  # no object at all
     metric = OracleCounts()
-    metric.update(torch.from_numpy(np.stack(videos[:3])), prompts[:3])
-    metric.update(torch.from_numpy(np.stack(videos[3:])), prompts[3:])
+    metric.update(torch.from_numpy(np.stack(videos[3:])), prompts[3:], [13, 14, 15])
+    metric.update(torch.from_numpy(np.stack(videos[:3])), prompts[:3], [10, 11, 12])
     got, expected = metric.compute(), accuracy(videos, prompts)
     for key in ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion", "correct"):
         assert got[key] == expected[key], key
+    # Each prompt's joint verdict under its index (what pairs two systems), and the joint's
+    # Wilson interval, from scipy.
+    assert got[JOINT_BY_PROMPT] == {10 + i: judge(v).matches(parse_caption(p))["joint"]
+                                    for i, (v, p) in enumerate(zip(videos, prompts))}
+    wilson = binomtest(expected["correct"]["joint"], 6).proportion_ci(method="wilson")
+    assert got["joint_ci95"] == pytest.approx([wilson.low, wilson.high], abs=1e-12)
     assert got["not_found"] == 1 and got["joint"] < 1.0
     by_lang = got["by_language"]
     assert by_lang["en"]["n"] + by_lang["zh"]["n"] == 6
@@ -258,6 +267,38 @@ def test_oracle_counts_reject_a_batch_with_a_foreign_caption_and_count_none_of_i
     with pytest.raises(ValueError, match="hexagon"):
         metric.update(videos, ["a red circle moving left", "a purple hexagon moving sideways"])
     assert metric.counts.sum() == 0 and metric.confusion_shape.sum() == 0
+
+
+def test_each_student_is_compared_with_each_teacher_on_their_shared_prompts():
+    def slot():
+        return available(n=4, joint=0.5, colour=1.0, shape=0.5, motion=0.75)
+
+    results = [{"name": "teacher-unipc", "kind": "teacher", "oracle": slot()},
+               {"name": "teacher-euler-4", "kind": "teacher", "oracle": slot()},
+               {"name": "student-4step", "kind": "student", "oracle": slot()},
+               {"name": "student-2step", "kind": "student", "oracle": not_applicable("test")}]
+    verdicts = {"teacher-unipc": {0: True, 1: True, 2: False, 3: False},
+                "teacher-euler-4": {0: True, 1: True, 2: True, 3: True, 4: False},
+                "student-4step": {0: True, 1: False, 2: True, 3: True, 4: True},
+                "student-2step": {0: False}}
+    add_oracle_comparisons(results, verdicts)
+    versus = results[2]["oracle"]["versus"]
+    assert list(versus) == ["teacher-unipc", "teacher-euler-4"]
+    # Against the UniPC teacher only prompts 0-3 are shared: the student alone gets 2 and 3,
+    # the teacher alone gets 1.
+    assert {k: versus["teacher-unipc"][k] for k in ("n", "only_a", "only_b")} == {
+        "n": 4, "only_a": 2, "only_b": 1}
+    assert versus["teacher-unipc"]["difference"] == pytest.approx(0.25)
+    assert {k: versus["teacher-euler-4"][k] for k in ("n", "only_a", "only_b")} == {
+        "n": 5, "only_a": 1, "only_b": 1}
+    assert versus["teacher-euler-4"]["p_value"] == 1.0
+    assert "versus" not in results[0]["oracle"] and "versus" not in results[1]["oracle"]
+    assert "versus" not in results[3]["oracle"]  # no oracle slot to extend
+
+    report = build_report(world="shapes", systems=results, settings={}, machine={}, weights={})
+    markdown = format_markdown(report)
+    assert "## Student against teacher, prompt by prompt" in markdown
+    assert "| student-4step | teacher-unipc | 2 | 1 | +0.250 (N=4) | 1 |" in markdown
 
 
 def test_markdown_lists_accuracy_by_factor_value_and_the_common_errors():
@@ -360,6 +401,15 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys):
         assert s["latency_s"]["n"] == 2 and s["latency_s"]["median"] > 0
         assert s["oracle"]["status"] == "ok" and s["oracle"]["n"] == 4
         assert set(s["oracle"]["by_language"]) == {"en", "zh"}
+        assert JOINT_BY_PROMPT not in s["oracle"]  # used for the pairing, not reported
+        low, high = s["oracle"]["joint_ci95"]
+        assert 0 <= low <= s["oracle"]["joint"] <= high <= 1
+        if s["kind"] == "student":
+            versus = s["oracle"]["versus"]
+            assert list(versus) == ["teacher-unipc-3", "teacher-euler-4", "teacher-euler-8"]
+            assert all(c["n"] == 4 and c["only_a"] + c["only_b"] <= 4 for c in versus.values())
+        else:
+            assert "versus" not in s["oracle"]
         assert s["fvd"]["status"] == "ok" and s["fvd"]["network"] == RANDOM_TEST_NETWORK
         assert s["fvd"]["n_fake"] == 4 and s["fvd"]["n_real"] == 4
         assert s["clip_score"] == {"status": "unavailable", "reason": "no CLIP folder (test)"}
@@ -380,6 +430,7 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys):
     for s in on_disk["systems"]:  # the random-feature distance is never printed as FVD
         assert f"{s['fvd']['value']:.1f}" not in markdown.split("## Protocol")[0]
     assert "unavailable: no CLIP folder (test)" in markdown
+    assert markdown.count("| student-4step | teacher-") == 3
 
     png = (out / "quality_vs_latency.png").read_bytes()
     assert png[:8] == PNG_SIGNATURE
