@@ -63,6 +63,52 @@ def trajectory_grid(solver_steps: int, shift: float, student_sigmas: torch.Tenso
 
 
 @torch.no_grad()
+def causal_teacher_chunk(
+    teacher: FrozenExperts,
+    noise: torch.Tensor,
+    contexts: torch.Tensor,
+    guidance: torch.Tensor,
+    grid: TrajectoryGrid,
+    caches: dict,
+    *,
+    boundary: float,
+    guidance_offset: float,
+    num_train_timesteps: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk by the causal teacher: every Euler step of ``grid`` with the expert of the
+    step's timestep (t >= boundary * N: expert_high at guidance + guidance_offset; below:
+    expert_low at guidance), against ``caches`` (read only; the caller appends the chunk).
+
+    Args:
+        noise: [B, C, chunk_frames, H, W], the chunk's noise.
+        contexts: [2B, L, D], the prompt rows then the unconditional rows (CFG in one batch).
+        guidance: [B] student guidance scales (expert_low's CFG scale).
+        caches: {"high", "low"}: each expert's cache of 2B rows.
+    Returns:
+        states [B, K, C, chunk_frames, H, W] (the chunk at grid.sigmas[grid.keep]) and its end
+        [B, C, chunk_frames, H, W], both fp32.
+    """
+    batch = noise.shape[0]
+    timesteps = sigmas_to_timesteps(grid.sigmas, num_train_timesteps)
+    keep = grid.keep.tolist()
+    states = torch.zeros((batch, len(keep), *noise.shape[1:]), dtype=torch.float32,
+                         device=noise.device)
+    x = noise.float()
+    for i in range(len(grid.sigmas) - 1):
+        if i in keep:
+            states[:, keep.index(i)] = x
+        t = int(timesteps[i])
+        name = "high" if t >= boundary * num_train_timesteps else "low"
+        scale = teacher_guidance(guidance.float(), name, guidance_offset).view(-1, 1, 1, 1, 1)
+        t_rows = torch.full((2 * batch,), t, dtype=torch.int64, device=noise.device)
+        v = teacher.expert(name).forward_chunk(torch.cat([x, x]), t_rows, contexts, None,
+                                               caches[name]).float()
+        v_pos, v_neg = v[:batch], v[batch:]
+        x = x + float(grid.sigmas[i + 1] - grid.sigmas[i]) * (v_neg + scale * (v_pos - v_neg))
+    return states, x
+
+
+@torch.no_grad()
 def causal_teacher_trajectories(
     teacher: FrozenExperts,
     noise: torch.Tensor,
@@ -76,13 +122,11 @@ def causal_teacher_trajectories(
     chunk_frames: int,
     num_train_timesteps: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample the causal teacher chunk by chunk (Euler on ``grid``, CFG per expert) and keep the
-    states at the student's sigmas.
+    """Sample the causal teacher chunk by chunk (``causal_teacher_chunk``: Euler on ``grid``,
+    CFG per expert) and keep the states at the student's sigmas.
 
-    Each chunk starts from its noise, takes every Euler step with the expert of the step's
-    timestep (t >= boundary * N: expert_high at guidance + guidance_offset; below: expert_low at
-    guidance), then its end is appended to both experts' KV caches (conditional and
-    unconditional rows) as the clean context of the next chunks.
+    Each chunk's end is appended to both experts' KV caches (conditional and unconditional
+    rows) as the clean context of the next chunks.
 
     Args:
         noise: [B, C, F, H, W], F a multiple of chunk_frames.
@@ -99,28 +143,16 @@ def causal_teacher_trajectories(
     if guidance.shape != (batch,):
         raise ValueError(f"guidance has shape {list(guidance.shape)}, expected [B={batch}]")
     contexts = torch.cat([context_pos, context_neg.expand_as(context_pos)])
-    timesteps = sigmas_to_timesteps(grid.sigmas, num_train_timesteps)
-    keep = grid.keep.tolist()
-    boundary_t = boundary * num_train_timesteps
     caches = {name: teacher.expert(name).new_cache(2 * batch, noise.device, window_chunks=None)
               for name in ("high", "low")}
-    states = torch.zeros((batch, len(keep), *noise.shape[1:]), dtype=torch.float32,
+    states = torch.zeros((batch, grid.keep.numel(), *noise.shape[1:]), dtype=torch.float32,
                          device=noise.device)
     ends = torch.zeros(noise.shape, dtype=torch.float32, device=noise.device)
     for start in range(0, frames, chunk_frames):
         chunk = slice(start, start + chunk_frames)
-        x = noise[:, :, chunk].float()
-        for i in range(len(grid.sigmas) - 1):
-            if i in keep:
-                states[:, keep.index(i), :, chunk] = x
-            t = int(timesteps[i])
-            name = "high" if t >= boundary_t else "low"
-            scale = teacher_guidance(guidance.float(), name, guidance_offset).view(-1, 1, 1, 1, 1)
-            t_rows = torch.full((2 * batch,), t, dtype=torch.int64, device=noise.device)
-            v = teacher.expert(name).forward_chunk(torch.cat([x, x]), t_rows, contexts, None,
-                                                   caches[name]).float()
-            v_pos, v_neg = v[:batch], v[batch:]
-            x = x + float(grid.sigmas[i + 1] - grid.sigmas[i]) * (v_neg + scale * (v_pos - v_neg))
+        states[:, :, :, chunk], x = causal_teacher_chunk(
+            teacher, noise[:, :, chunk], contexts, guidance, grid, caches, boundary=boundary,
+            guidance_offset=guidance_offset, num_train_timesteps=num_train_timesteps)
         ends[:, :, chunk] = x
         if start + chunk_frames < frames:
             for name, cache in caches.items():

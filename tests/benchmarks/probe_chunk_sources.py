@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from distill.ar_adaptation import read_causal_teacher  # noqa: E402
-from distill.consistency import teacher_guidance  # noqa: E402
 from distill.networks import FrozenExperts, load_causal_network  # noqa: E402
+from distill.ode_init import causal_teacher_chunk, trajectory_grid  # noqa: E402
 from eval.oracle import accuracy  # noqa: E402
 from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.systems import seeded_noise  # noqa: E402
@@ -37,47 +37,31 @@ from student.checkpoint import load_student  # noqa: E402
 from student.sampler import sample_chunk, student_sigmas  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import decode_latents, encode_prompts, latent_shape  # noqa: E402
-from teacher.schedule import euler_sigmas, sigmas_to_timesteps  # noqa: E402
 
-TEACHER_STEPS = 8
-
-
-def teacher_chunk(experts: FrozenExperts, noise: torch.Tensor, contexts: torch.Tensor,
-                  guidance: float, caches: dict, sampling) -> torch.Tensor:
-    """One chunk by the causal teacher: Euler on its shifted grid, each step's expert with its
-    CFG scale, the conditional and unconditional rows in one batch against the caches."""
-    batch = noise.shape[0]
-    sigmas = euler_sigmas(TEACHER_STEPS, sampling.shift)
-    timesteps = sigmas_to_timesteps(sigmas, sampling.num_train_timesteps)
-    x = noise.float()
-    for i in range(TEACHER_STEPS):
-        t = int(timesteps[i])
-        name = "high" if t >= sampling.boundary * sampling.num_train_timesteps else "low"
-        scale = teacher_guidance(torch.full((batch,), guidance), name,
-                                 sampling.guidance_high - sampling.guidance_low)
-        v = experts.expert(name).forward_chunk(torch.cat([x, x]), torch.full((2 * batch,), t),
-                                               contexts, None, caches[name]).float()
-        v_pos, v_neg = v[:batch], v[batch:]
-        x = x + float(sigmas[i + 1] - sigmas[i]) * (
-            v_neg + scale.view(-1, 1, 1, 1, 1) * (v_pos - v_neg))
-    return x
+TEACHER_STEPS = 8  # the causal teacher's Euler steps per chunk, as in the ODE stage
 
 
 @torch.no_grad()
 def make_clips(pattern: str, student, config, experts: FrozenExperts, sampling,
                context: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor,
                generators, guidance: float) -> torch.Tensor:
+    """Latents [B, C, F, H, W] of one batch, each chunk made by the model ``pattern`` names."""
     batch, frames, cf = noise.shape[0], noise.shape[2], config.chunk_frames
     contexts = torch.cat([context, negative.expand_as(context)])
     caches = {name: experts.expert(name).new_cache(2 * batch, noise.device, window_chunks=None)
               for name in ("high", "low")}
     student_cache = student.new_cache(batch, noise.device)
     sigmas = student_sigmas(config.steps, config.shift)
+    grid = trajectory_grid(TEACHER_STEPS, sampling.shift, sigmas)  # the ODE stage's grid
     chunks = []
     for c in range(frames // cf):
         chunk_noise = noise[:, :, c * cf:(c + 1) * cf]
         if pattern[min(c, len(pattern) - 1)] == "T":
-            x = teacher_chunk(experts, chunk_noise, contexts, guidance, caches, sampling)
+            _, x = causal_teacher_chunk(
+                experts, chunk_noise, contexts, torch.full((batch,), guidance), grid, caches,
+                boundary=sampling.boundary,
+                guidance_offset=sampling.guidance_high - sampling.guidance_low,
+                num_train_timesteps=sampling.num_train_timesteps)
         else:
             x = sample_chunk(student, chunk_noise, sigmas, context, guidance, student_cache,
                              generators, config.num_train_timesteps)
