@@ -338,8 +338,9 @@ class OracleCounts(Metric):
         return result
 
     def _joint_by_prompt(self) -> dict[int, bool]:
-        """{prompt index: joint verdict}; a prompt seen twice (a sampler's padding repeats one
-        on another process) keeps its first verdict, which is the same video."""
+        """{prompt index: joint verdict}. A prompt seen twice keeps its first verdict (it is
+        the same video); Lightning's predict sampler does not repeat prompts, a padding
+        DistributedSampler would."""
         index, joint = self.prompt_index, self.prompt_joint
         if isinstance(index, list):  # not synced: this process's batches, or none at all
             if not index:

@@ -28,7 +28,7 @@ def rank_main(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        # Rank 1 also judges prompt 0 again, as a sampler's padding would.
+        # Rank 1 also judges prompt 0 again, as a padding DistributedSampler would.
         indices = [0, 2, 4] if rank == 0 else [1, 3, 0]
         metric = OracleCounts()
         metric.update(torch.from_numpy(np.stack(videos_for(indices))),
