@@ -157,8 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from student.server.protocol import ProtocolLimits
 
     factory = _engine_factory(args)
-    trained = read_student_config(_student_and_teacher_dirs(args)[0])
-    limits = ProtocolLimits(min_guidance=1.0, max_guidance=trained.guidance_max)
+    low, high = read_student_config(_student_and_teacher_dirs(args)[0]).guidance_range
+    limits = ProtocolLimits(min_guidance=low, max_guidance=high)
     serve_main(factory, host=args.host, port=args.port, record_dir=args.record_dir,
                max_sessions=args.max_sessions, limits=limits)
     return 0

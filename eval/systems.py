@@ -207,9 +207,10 @@ class StudentSystem:
         if self.steps < 1:
             raise ValueError(f"student steps={self.steps} must be >= 1")
         self.guidance = config.guidance_default if guidance is None else float(guidance)
-        if not 1.0 <= self.guidance <= config.guidance_max:
+        low, high = config.guidance_range
+        if not low <= self.guidance <= high:
             raise ValueError(f"guidance {self.guidance} is outside the student's trained range "
-                             f"[1, {config.guidance_max}]")
+                             f"[{low:g}, {high:g}]")
         self.sigmas = student_sigmas(self.steps, config.shift)
         # The teacher's request resolution validates the size (VAE stride x patch multiples).
         size = resolve_request(teacher_parts, GenerationRequest(

@@ -299,9 +299,10 @@ class StudentStreamEngine:
             value = float(g)
         except (TypeError, ValueError):
             raise TypeError(f"guidance must be a number or None, got {type(g).__name__}") from None
-        if not math.isfinite(value) or not 1.0 <= value <= self.config.guidance_max:
-            raise ValueError(f"guidance {g!r} is outside the trained range [1, "
-                             f"{self.config.guidance_max}] of student {self.config.name!r}; "
+        low, high = self.config.guidance_range
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"guidance {g!r} is outside the trained range [{low:g}, {high:g}] "
+                             f"of student {self.config.name!r}; "
                              f"pass a value in it, or leave it unset for the default "
                              f"{self.config.guidance_default}")
 

@@ -61,7 +61,7 @@ def test_stream_takes_one_guidance_value(folders, tmp_path, capsys):
             "a red circle moving left", "--seconds", "0.5", "--device", "cpu", "--quiet"]
     assert main(base + ["--guidance", "2.5"]) == 0
     assert "frames" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"--guidance: guidance 7.0 .*\[1, 5.0\]"):
+    with pytest.raises(SystemExit, match=r"--guidance: guidance 7.0 .*\[1, 5\]"):
         main(base + ["--guidance", "7"])
 
 
