@@ -78,16 +78,16 @@ class StudentConfig:
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ValueError(f"StudentConfig {self.name!r}: boundary={self.boundary} must lie "
                              f"strictly between 0 and 1 (or be null for one network)")
+        if self.max_attended_frames > ROPE_MAX_POSITIONS:
+            raise ValueError(f"StudentConfig {self.name!r}: a chunk attends to "
+                             f"{self.max_attended_frames} frames, beyond the {ROPE_MAX_POSITIONS} "
+                             f"RoPE positions; use fewer sink/window chunks")
 
     @property
     def guidance_range(self) -> tuple[float, float]:
         """The guidance scales the student accepts: [1, guidance_max], its training range (the
         engine, the evaluation and the server's protocol limits all check against this)."""
         return 1.0, self.guidance_max
-        if self.max_attended_frames > ROPE_MAX_POSITIONS:
-            raise ValueError(f"StudentConfig {self.name!r}: a chunk attends to "
-                             f"{self.max_attended_frames} frames, beyond the {ROPE_MAX_POSITIONS} "
-                             f"RoPE positions; use fewer sink/window chunks")
 
     @property
     def max_attended_frames(self) -> int:

@@ -361,6 +361,10 @@ def test_presets_are_consistent():
         replace(shapes, guidance_default=9.0)
     with pytest.raises(ValueError, match="temporal patch"):
         replace(shapes, dit=replace(shapes.dit, patch_size=(2, 2, 2)))
+    # A span beyond the RoPE table would index past it at inference: refused at construction.
+    with pytest.raises(ValueError, match="1025 frames, beyond the 1024 RoPE positions"):
+        replace(shapes, sink_chunks=1, window_chunks=1023)
+    assert replace(shapes, sink_chunks=1, window_chunks=1022).max_attended_frames == 1024
 
 
 # ----- bad input ---------------------------------------------------------------------------
