@@ -37,7 +37,7 @@ from torchmetrics import CatMetric, Metric, SumMetric
 from tqdm import tqdm
 
 from eval.fvd import FVD_NUM_FRAMES, fvd, video_features
-from eval.latency import side_by_side, summarize
+from eval.latency import cpu_threads, side_by_side, summarize
 from eval.lpips_metric import lpips_per_video
 from eval.clip_score import clip_score_per_video
 from eval.oracle import judge
@@ -111,10 +111,17 @@ class FVDSettings:
 @dataclass(frozen=True)
 class LatencySettings:
     """Batch-1 timing of every system, side by side: ``warmup`` rounds discarded, ``repeats``
-    rounds kept (round r uses prompt r of the list)."""
+    rounds kept (round r uses prompt r of the list).
+
+    threads: torch's CPU threads while timing on the CPU (the quality pass keeps the process's
+        setting). 1 is what ``generate``, ``stream`` and ``serve`` use by default, so the report
+        times what a user of those commands waits for; None leaves torch's setting. Ignored on
+        a GPU.
+    """
 
     warmup: int = 1
     repeats: int = 5
+    threads: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -582,8 +589,9 @@ class EvalModule(L.LightningModule):
             return one
 
         runs = {s.name: run(s) for s in self.systems}
-        samples = side_by_side(runs, lat.warmup, lat.repeats,
-                               on_run=lambda name, r, warm: self._advance(1, f"latency {name}"))
+        with cpu_threads(lat.threads if self.device.type == "cpu" else None):
+            samples = side_by_side(runs, lat.warmup, lat.repeats,
+                                   on_run=lambda name, r, warm: self._advance(1, f"latency {name}"))
         for name, values in samples.items():
             states = self.metric_states[name]
             states["latency"].update(torch.tensor([v[0] for v in values], dtype=torch.float64))

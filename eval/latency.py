@@ -13,7 +13,8 @@ whichever happened to run during the slow minute.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -81,6 +82,24 @@ def summarize(samples: Sequence[float]) -> TimingSummary:
     q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
     return TimingSummary(int(values.size), float(median), float(q25), float(q75),
                          float(values.min()), float(values.max()))
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op CPU threads set to ``threads`` (None: unchanged),
+    then restore the previous setting, also when the block raises."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"CPU threads={threads!r} must be an integer >= 1, or null to keep "
+                         f"torch's setting ({torch.get_num_threads()})")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rotation(names: Sequence[str], round_index: int) -> list[str]:

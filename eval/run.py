@@ -117,6 +117,10 @@ def check_config(config: EvalConfig) -> None:
     if config.latency.warmup < 0 or config.latency.repeats < 1:
         raise ValueError(f"latency.warmup={config.latency.warmup} must be >= 0 and "
                          f"latency.repeats={config.latency.repeats} >= 1")
+    threads = config.latency.threads
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"latency.threads={threads} must be >= 1 (1: as generate, stream and "
+                         f"serve run), or null to keep torch's setting")
     if not config.systems:
         raise ValueError("systems is empty; list at least one system to evaluate")
     for spec in config.systems:
@@ -218,7 +222,9 @@ def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
         f"sampling, VAE decode), wall clock (perf_counter, CUDA-synchronised on GPUs); "
         f"{lat.warmup} warm-up round(s) discarded, then {lat.repeats} rounds visiting every "
         f"system in rotated order on the same machine; median and quartiles over rounds and "
-        f"processes.",
+        f"processes; on a CPU at "
+        + (f"{lat.threads} torch thread(s) (generate, stream and serve default to 1)."
+           if lat.threads is not None else "torch's thread setting (see Machine)."),
         "Time to first frame: the student streams, so its first chunk (one latent chunk, "
         "decoded) is the first frame; the teacher decodes only at the end, so its whole video "
         "is its first frame.",

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from scipy.stats import binomtest
 
-from eval.distributed_eval import (JOINT_BY_PROMPT, NOT_RECOVERED, EvalConfig, MetricNetworks,
-                                   OracleCounts, SystemSpec, VideoFeatures,
+from eval.distributed_eval import (JOINT_BY_PROMPT, NOT_RECOVERED, EvalConfig, LatencySettings,
+                                   MetricNetworks, OracleCounts, SystemSpec, VideoFeatures,
                                    add_oracle_comparisons, system_name)
-from eval.latency import rotation, side_by_side, summarize
+from eval import distributed_eval
+from eval.latency import cpu_threads, rotation, side_by_side, summarize
 from eval.oracle import accuracy, judge
 from eval.report import (
     RANDOM_TEST_NETWORK,
@@ -187,6 +188,24 @@ def test_side_by_side_rotates_and_discards_warmup():
 
 # ---------------------------------------------------------------------------------------------
 # Systems
+
+
+def test_cpu_threads_sets_and_restores_the_setting():
+    assert torch.get_num_threads() == 1
+    with cpu_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1
+    with pytest.raises(RuntimeError, match="boom"), cpu_threads(2):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 1  # restored when the block raises
+    with cpu_threads(None):
+        assert torch.get_num_threads() == 1
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"threads={bad!r} must be an integer >= 1"):
+            with cpu_threads(bad):
+                pass
+    with pytest.raises(ValueError, match="latency.threads=0 must be >= 1"):
+        check_config(replace(EvalConfig(), latency=LatencySettings(threads=0)))
 
 
 def test_student_and_teacher_start_from_the_same_noise():
@@ -382,12 +401,23 @@ def test_cli_flags_become_config_overrides():
 # End to end
 
 
-def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys):
+def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
     nets = MetricNetworks(fvd_model=RandomFeatures(), fvd_network=RANDOM_TEST_NETWORK,
                           lpips_reason="LPIPS trunk not installed (test)",
                           clip_reason="no CLIP folder (test)")
-    report = evaluate_main(_tiny_config(tiny_folders, out), networks=nets)
+    # The timing runs at latency.threads (2 here; this process runs at 1), the rest does not.
+    threads_while_timing = []
+
+    def timed(*args, **kwargs):
+        threads_while_timing.append(torch.get_num_threads())
+        return side_by_side(*args, **kwargs)
+
+    monkeypatch.setattr(distributed_eval, "side_by_side", timed)
+    config = _tiny_config(tiny_folders, out)
+    config = replace(config, latency=replace(config.latency, threads=2))
+    report = evaluate_main(config, networks=nets)
+    assert threads_while_timing == [2] and torch.get_num_threads() == 1
     stdout = capsys.readouterr().out
     assert "eval (shapes, N=4, 6 systems" in stdout and str(out / "report.md") in stdout
 
@@ -427,10 +457,19 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys):
 
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert markdown.count("random-test network") == 6  # the FVD cells
-    for s in on_disk["systems"]:  # the random-feature distance is never printed as FVD
-        assert f"{s['fvd']['value']:.1f}" not in markdown.split("## Protocol")[0]
+    # The random-feature distance is never printed as FVD: its column names the network instead,
+    # and the value appears nowhere (4 decimals: the table prints at most 3, so a latency such
+    # as 1.010 cannot be mistaken for it).
+    lines = markdown.splitlines()
+    top = lines.index(next(line for line in lines if line.startswith("| System | Steps")))
+    table = [line.split(" | ") for line in lines[top:top + 8]]  # header, rule, 6 systems
+    fvd_column = table[0].index("FVD [95% CI]")
+    assert [row[fvd_column] for row in table[2:]] == ["random-test network"] * 6
+    for s in on_disk["systems"]:
+        assert f"{s['fvd']['value']:.4f}" not in markdown.split("## Protocol")[0]
     assert "unavailable: no CLIP folder (test)" in markdown
     assert markdown.count("| student-4step | teacher-") == 3
+    assert "on a CPU at 2 torch thread(s)" in markdown
 
     png = (out / "quality_vs_latency.png").read_bytes()
     assert png[:8] == PNG_SIGNATURE
