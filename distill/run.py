@@ -38,7 +38,8 @@ import logging  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -271,6 +272,223 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
 
 
+@dataclass
+class _Job:
+    """What every stage of one run reads: the resolved recipe, the models' configs, the folders
+    and the summary the stages fill in."""
+
+    cfg: DistillConfig
+    teacher_dir: Path
+    teacher: TeacherConfig
+    student: StudentConfig
+    run_dir: Path
+    data_key: str
+    summary: DistillSummary
+
+    @property
+    def causal_dir(self) -> Path:
+        return self.summary.causal_teacher_dir
+
+    @property
+    def networks(self) -> list[str | None]:
+        """The networks trained: one, or one per teacher expert (a two-network student)."""
+        return ["high", "low"] if self.cfg.split_experts else [None]
+
+    def predict_kwargs(self) -> dict:
+        """Trainer arguments of a predict run (a fresh strategy object per Trainer)."""
+        tc = self.cfg.trainer
+        return {"accelerator": tc.accelerator, "devices": tc.devices, "num_nodes": tc.num_nodes,
+                "strategy": make_strategy(tc), "enable_progress_bar": tc.progress_bar}
+
+    def datamodule(self, batch_size: int) -> LatentDataModule:
+        return LatentDataModule(str(self.summary.cache_dir), batch_size=batch_size,
+                                num_frames=self.cfg.data.num_frames, seed=self.cfg.seed,
+                                num_workers=self.cfg.data.num_workers)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the block's wall-clock seconds to the summary under ``name``."""
+        t0 = time.perf_counter()
+        yield
+        self.summary.seconds[name] = time.perf_counter() - t0
+
+
+def _network_dir(folder: Path, network: str | None) -> Path:
+    return folder if network is None else folder / network
+
+
+def _network_label(network: str | None) -> str:
+    return f" ({network})" if network else ""
+
+
+def _final_loss(trainer: L.Trainer) -> float | None:
+    metrics = trainer.callback_metrics
+    return float(metrics["loss"]) if "loss" in metrics else None
+
+
+def _initial_weights(cfg: DistillConfig) -> str:
+    """Where the student's networks start before any training (named in the identities)."""
+    return cfg.student_init or f"stage-A expert_{cfg.init_expert}"
+
+
+def _prepare_job(cfg: DistillConfig) -> _Job:
+    """Check the recipe against the teacher folder and resolve every folder of the run."""
+    teacher_dir = Path(cfg.teacher_dir) if cfg.teacher_dir else embedded_teacher_dir()
+    if not teacher_dir.is_dir():
+        raise FileNotFoundError(
+            f"teacher folder {teacher_dir} does not exist; "
+            + ("the embedded shapes teacher is not installed (train it with the teacher_training "
+               "job) or pass teacher_dir=PATH" if cfg.teacher_dir is None else
+               "pass the folder of the downloaded Wan2.2-T2V-A14B checkpoint"))
+    teacher = read_teacher_config(teacher_dir)
+    student = resolve_student(cfg, teacher)
+    if cfg.split_experts and cfg.ode_init.max_steps == 0 and set(cfg.stage_b.networks) != {"high", "low"}:
+        raise ValueError(f"with split_experts and no ODE initialisation (ode_init.max_steps=0) "
+                         f"stage B must train both networks; got stage_b.networks="
+                         f"{list(cfg.stage_b.networks)}: set it to [high, low]")
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.student)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_student_dir(cfg.student)
+    key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
+    summary = DistillSummary(output_dir, run_dir / "causal_teacher", cache_dir)
+    return _Job(cfg, teacher_dir, teacher, student, run_dir, key, summary)
+
+
+def _build_data(job: _Job) -> None:
+    """The latent cache: encoded once, reused by every stage and by later runs."""
+    cfg = job.cfg
+    build_latent_cache(job.summary.cache_dir, cfg.data.source, str(job.teacher_dir),
+                       batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
+                       num_workers=cfg.data.num_workers, trainer_kwargs=job.predict_kwargs())
+
+
+def _run_stage_a(job: _Job) -> dict:
+    """Stage A: the causal two-expert teacher. Returns the stage's identity (which the later
+    stages' identities include, so a new causal teacher restarts them)."""
+    cfg, causal_dir = job.cfg, job.causal_dir
+    stage_a_dir = job.run_dir / "stage_a"
+    identity_a = {"teacher": teacher_fingerprint(job.teacher_dir), "data": job.data_key,
+                  "chunk_frames": job.student.chunk_frames, "stage_a": asdict(cfg.stage_a),
+                  "parallel": asdict(cfg.parallel), "seed": cfg.seed}
+    resumable = prepare_stage_dir(stage_a_dir, identity_a, cfg.resume)
+    job.summary.steps["stage_a"] = cfg.stage_a.max_steps
+    if resumable and (causal_dir / CAUSAL_TEACHER_FILE).is_file():
+        return identity_a
+    if _rank() == 0 and causal_dir.exists():
+        shutil.rmtree(causal_dir)
+    L.seed_everything(cfg.seed, verbose=False)
+    module_a = ARAdaptationModule(str(job.teacher_dir), teacher_config_to_dict(job.teacher),
+                                  student_config_to_dict(job.student), cfg.stage_a, cfg.parallel,
+                                  cfg.seed)
+    trainer_a = make_trainer(cfg.trainer, stage_a_dir, cfg.stage_a.max_steps,
+                             "stage A: causal teacher")
+    trainer_a.fit(module_a, job.datamodule(cfg.stage_a.batch_size),
+                  ckpt_path=last_checkpoint(stage_a_dir) if resumable else None)
+    module_a.export_causal_teacher(causal_dir)
+    _barrier()
+    if (loss := _final_loss(trainer_a)) is not None:
+        job.summary.losses["stage A"] = loss
+    return identity_a
+
+
+def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, str | None]]:
+    """ODE initialisation: the student learns the causal teacher's own trajectories.
+
+    Returns what stage B starts from: its identity entry and, per network, the folder of its
+    ODE-initialised weights.
+    """
+    cfg, o, student = job.cfg, job.cfg.ode_init, job.student
+    inits: dict[str | None, str | None] = {}
+    ode_dir = job.run_dir / "ode_init"
+    identity_o = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+                  "student_init": _initial_weights(cfg), "ode_init": asdict(o),
+                  "guidance_min": cfg.stage_b.guidance_min, "networks": job.networks}
+    resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
+    grid = trajectory_grid(o.solver_steps, student.shift,
+                           student_sigmas(student.steps, student.shift))
+    for network in job.networks:
+        net_dir = _network_dir(ode_dir, network)
+        ode_student = net_dir / "student"
+        inits[network] = str(ode_student)
+        if resumable and (ode_student / STUDENT_CONFIG_FILE).is_file():
+            continue
+        trajectories = build_trajectories(
+            ode_dir / "trajectories", job.summary.cache_dir, str(job.causal_dir), grid,
+            num_items=o.num_trajectories,
+            guidance_range=(cfg.stage_b.guidance_min, student.guidance_max), seed=cfg.seed,
+            batch_size=o.generate_batch_size, teacher_dtype=cfg.parallel.teacher_dtype,
+            num_frames=cfg.data.num_frames, trainer_kwargs=job.predict_kwargs())
+        L.seed_everything(cfg.seed, verbose=False)
+        module_o = ODEInitModule(str(job.causal_dir), student_config_to_dict(student),
+                                 grid.sigmas[grid.keep].tolist(), cfg.student_init,
+                                 cfg.init_expert, o, cfg.parallel, cfg.seed, expert=network)
+        trainer_o = make_trainer(cfg.trainer, net_dir, o.steps_of(network),
+                                 "ODE init: teacher trajectories" + _network_label(network))
+        trainer_o.fit(module_o, TrajectoryDataModule(str(trajectories), str(job.summary.cache_dir),
+                                                     o.batch_size, cfg.seed, cfg.data.num_frames),
+                      ckpt_path=last_checkpoint(net_dir) if resumable else None)
+        module_o.export_student_folder(ode_student)
+        _barrier()
+        if (loss := _final_loss(trainer_o)) is not None:
+            job.summary.losses["ODE init" + (f" {network}" if network else "")] = loss
+    job.summary.steps["ode_init"] = sum(o.steps_of(network) for network in job.networks)
+    return {"ode_init": identity_o}, inits
+
+
+def _run_stage_b(job: _Job, identity_a: dict, start_b: dict,
+                 inits: dict[str | None, str | None]) -> None:
+    """Stage B: consistency distillation into the student, then the export.
+
+    With two networks, those named in stage_b.networks are trained, the low-noise one first:
+    the high-noise network's last interval takes its target from the finished low-noise one.
+    """
+    cfg, student, teacher, causal_dir = job.cfg, job.student, job.teacher, job.causal_dir
+    stage_b_dir = job.run_dir / "stage_b"
+    trained = [n for n in job.networks if n is None or n in cfg.stage_b.networks]
+    identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+                  "student_init": start_b, "stage_b": asdict(cfg.stage_b), "networks": trained}
+    resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
+    info = {"teacher_dir": str(job.teacher_dir), "causal_teacher_dir": str(causal_dir),
+            "stage_b": asdict(cfg.stage_b)}
+    main_weights = cfg.stage_b.export_weights
+    other_weights = "student" if main_weights == "ema" else "ema"
+
+    def start_folder(network: str) -> Path:
+        """Where a network stands before stage B (its ODE-initialised or starting weights)."""
+        if inits[network] is not None:
+            return Path(inits[network])
+        return causal_dir / {"high": teacher.expert_high_dir, "low": teacher.expert_low_dir}[network]
+
+    # name -> (folder of its main weights, folder of its other weights); untrained: one folder.
+    network_weights = {n: (start_folder(n), start_folder(n)) for n in job.networks if n not in trained}
+    for network in sorted(trained, key=lambda n: n != "low"):
+        net_dir = _network_dir(stage_b_dir, network)
+        L.seed_everything(cfg.seed, verbose=False)
+        module_b = ConsistencyDistillationModule(
+            str(causal_dir), student_config_to_dict(student), inits[network], cfg.stage_b,
+            cfg.parallel, cfg.seed, init_expert=cfg.init_expert, expert=network,
+            partner_init=str(network_weights["low"][0]) if network == "high" else None)
+        trainer_b = make_trainer(cfg.trainer, net_dir, cfg.stage_b.max_steps,
+                                 "stage B: consistency distillation" + _network_label(network))
+        trainer_b.fit(module_b, job.datamodule(cfg.stage_b.batch_size),
+                      ckpt_path=last_checkpoint(net_dir) if resumable else None)
+        if (loss := _final_loss(trainer_b)) is not None:
+            job.summary.losses["stage B" + (f" {network}" if network else "")] = loss
+        target = job.summary.student_dir if network is None else net_dir / "export"
+        export_student(module_b.student, module_b.ema_student, student, target,
+                       main=main_weights, rank=trainer_b.global_rank,
+                       info={"step": trainer_b.global_step, **info})
+        _barrier()
+        if network is not None:
+            network_weights[network] = (target, target / other_weights)
+    job.summary.steps["stage_b"] = cfg.stage_b.max_steps * len(trained)
+    if cfg.split_experts and _rank() == 0:
+        exported = replace(student, boundary=teacher.sampling.boundary)
+        export_moe_student(network_weights, exported, job.summary.student_dir, main=main_weights,
+                           info={"stage_b_networks": trained, **info})
+    _barrier()
+
+
 def distill_main(config: str | os.PathLike | DistillConfig | None = None,
                  overrides: Sequence[str] = (), *, verbose: bool = True) -> DistillSummary:
     """Run the whole distillation job; returns its summary (and prints its one-line form).
@@ -289,177 +507,23 @@ def distill_main(config: str | os.PathLike | DistillConfig | None = None,
     elif not _PASSIVE_OMP and torch.get_num_threads() > 1:
         torch.set_num_threads(1)  # spinning OpenMP threads would thrash on a shared CPU
     start = time.perf_counter()
-    teacher_dir = Path(cfg.teacher_dir) if cfg.teacher_dir else embedded_teacher_dir()
-    if not teacher_dir.is_dir():
-        raise FileNotFoundError(
-            f"teacher folder {teacher_dir} does not exist; "
-            + ("the embedded shapes teacher is not installed (train it with the teacher_training "
-               "job) or pass teacher_dir=PATH" if cfg.teacher_dir is None else
-               "pass the folder of the downloaded Wan2.2-T2V-A14B checkpoint"))
-    teacher = read_teacher_config(teacher_dir)
-    student = resolve_student(cfg, teacher)
-    if cfg.split_experts and cfg.ode_init.max_steps == 0 and set(cfg.stage_b.networks) != {"high", "low"}:
-        raise ValueError(f"with split_experts and no ODE initialisation (ode_init.max_steps=0) "
-                         f"stage B must train both networks; got stage_b.networks="
-                         f"{list(cfg.stage_b.networks)}: set it to [high, low]")
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.student)
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_student_dir(cfg.student)
-    seconds: dict[str, float] = {}
-    steps: dict[str, int] = {}
-    losses: dict[str, float] = {}
-
-    # Data: encoded once, reused by every stage and by later runs.
-    t0 = time.perf_counter()
-    key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
-    tc = cfg.trainer
-
-    def predict_kwargs() -> dict:
-        """Trainer arguments of a predict run (a fresh strategy object per Trainer)."""
-        return {"accelerator": tc.accelerator, "devices": tc.devices, "num_nodes": tc.num_nodes,
-                "strategy": make_strategy(tc), "enable_progress_bar": tc.progress_bar}
-
-    build_latent_cache(cache_dir, cfg.data.source, str(teacher_dir),
-                       batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
-                       num_workers=cfg.data.num_workers, trainer_kwargs=predict_kwargs())
-    seconds["data"] = time.perf_counter() - t0
-
-    def datamodule(batch_size: int) -> LatentDataModule:
-        return LatentDataModule(str(cache_dir), batch_size=batch_size, num_frames=cfg.data.num_frames,
-                                seed=cfg.seed, num_workers=cfg.data.num_workers)
-
-    # Stage A: the causal two-expert teacher.
-    t0 = time.perf_counter()
-    stage_a_dir = run_dir / "stage_a"
-    causal_dir = run_dir / "causal_teacher"
-    identity_a = {"teacher": teacher_fingerprint(teacher_dir), "data": key,
-                  "chunk_frames": student.chunk_frames, "stage_a": asdict(cfg.stage_a),
-                  "parallel": asdict(cfg.parallel), "seed": cfg.seed}
-    resumable = prepare_stage_dir(stage_a_dir, identity_a, cfg.resume)
-    if not (resumable and (causal_dir / CAUSAL_TEACHER_FILE).is_file()):
-        if _rank() == 0 and causal_dir.exists():
-            shutil.rmtree(causal_dir)
-        L.seed_everything(cfg.seed, verbose=False)
-        module_a = ARAdaptationModule(str(teacher_dir), teacher_config_to_dict(teacher),
-                                      student_config_to_dict(student), cfg.stage_a, cfg.parallel,
-                                      cfg.seed)
-        trainer_a = make_trainer(tc, stage_a_dir, cfg.stage_a.max_steps,
-                                 "stage A: causal teacher")
-        trainer_a.fit(module_a, datamodule(cfg.stage_a.batch_size),
-                      ckpt_path=last_checkpoint(stage_a_dir) if resumable else None)
-        module_a.export_causal_teacher(causal_dir)
-        _barrier()
-        if "loss" in trainer_a.callback_metrics:
-            losses["stage A"] = float(trainer_a.callback_metrics["loss"])
-    steps["stage_a"] = cfg.stage_a.max_steps
-    seconds["stage_a"] = time.perf_counter() - t0
-
-    # The networks trained: one, or one per teacher expert (a two-network student).
-    networks: list[str | None] = ["high", "low"] if cfg.split_experts else [None]
-    exported = replace(student, boundary=teacher.sampling.boundary) if cfg.split_experts else student
-
-    def subdir(folder: Path, network: str | None) -> Path:
-        return folder if network is None else folder / network
-
-    # ODE initialisation: the student learns the causal teacher's own trajectories.
-    start_b = {"init": cfg.student_init or f"stage-A expert_{cfg.init_expert}"}
-    inits_b: dict[str | None, str | None] = {n: cfg.student_init for n in networks}
+    job = _prepare_job(cfg)
+    with job.phase("data"):
+        _build_data(job)
+    with job.phase("stage_a"):
+        identity_a = _run_stage_a(job)
+    # Stage B starts from the ODE-initialised networks, or without that stage from the start.
+    start_b: dict = {"init": _initial_weights(cfg)}
+    inits: dict[str | None, str | None] = {n: cfg.student_init for n in job.networks}
     if cfg.ode_init.max_steps > 0:
-        t0 = time.perf_counter()
-        o = cfg.ode_init
-        ode_dir = run_dir / "ode_init"
-        identity_o = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
-                      "student_init": start_b["init"], "ode_init": asdict(o),
-                      "guidance_min": cfg.stage_b.guidance_min, "networks": networks}
-        resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
-        grid = trajectory_grid(o.solver_steps, student.shift,
-                               student_sigmas(student.steps, student.shift))
-        for network in networks:
-            net_dir = subdir(ode_dir, network)
-            ode_student = net_dir / "student"
-            inits_b[network] = str(ode_student)
-            if resumable and (ode_student / STUDENT_CONFIG_FILE).is_file():
-                continue
-            trajectories = build_trajectories(
-                ode_dir / "trajectories", cache_dir, str(causal_dir), grid,
-                num_items=o.num_trajectories,
-                guidance_range=(cfg.stage_b.guidance_min, student.guidance_max), seed=cfg.seed,
-                batch_size=o.generate_batch_size, teacher_dtype=cfg.parallel.teacher_dtype,
-                num_frames=cfg.data.num_frames, trainer_kwargs=predict_kwargs())
-            L.seed_everything(cfg.seed, verbose=False)
-            module_o = ODEInitModule(str(causal_dir), student_config_to_dict(student),
-                                     grid.sigmas[grid.keep].tolist(), cfg.student_init,
-                                     cfg.init_expert, o, cfg.parallel, cfg.seed, expert=network)
-            trainer_o = make_trainer(tc, net_dir, o.steps_of(network),
-                                     "ODE init: teacher trajectories" + (f" ({network})" if network else ""))
-            trainer_o.fit(module_o, TrajectoryDataModule(str(trajectories), str(cache_dir),
-                                                         o.batch_size, cfg.seed,
-                                                         cfg.data.num_frames),
-                          ckpt_path=last_checkpoint(net_dir) if resumable else None)
-            module_o.export_student_folder(ode_student)
-            _barrier()
-            if "loss" in trainer_o.callback_metrics:
-                losses["ODE init" + (f" {network}" if network else "")] = float(
-                    trainer_o.callback_metrics["loss"])
-        steps["ode_init"] = sum(o.steps_of(network) for network in networks)
-        seconds["ode_init"] = time.perf_counter() - t0
-        start_b = {"ode_init": identity_o}
-
-    # Stage B: consistency distillation into the student. With two networks, those named in
-    # stage_b.networks; the low-noise one first, because the high-noise network's last interval
-    # takes its target from the finished low-noise network.
-    t0 = time.perf_counter()
-    stage_b_dir = run_dir / "stage_b"
-    trained = [n for n in networks if n is None or n in cfg.stage_b.networks]
-    identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
-                  "student_init": start_b, "stage_b": asdict(cfg.stage_b), "networks": trained}
-    resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
-    info = {"teacher_dir": str(teacher_dir), "causal_teacher_dir": str(causal_dir),
-            "stage_b": asdict(cfg.stage_b)}
-    main_weights = cfg.stage_b.export_weights
-    other_weights = "student" if main_weights == "ema" else "ema"
-
-    def start_folder(network: str) -> Path:
-        """Where a network stands before stage B (its ODE-initialised or starting weights)."""
-        if inits_b[network] is not None:
-            return Path(inits_b[network])
-        return causal_dir / {"high": teacher.expert_high_dir, "low": teacher.expert_low_dir}[network]
-
-    # name -> (folder of its main weights, folder of its other weights); untrained: one folder.
-    network_weights = {n: (start_folder(n), start_folder(n)) for n in networks if n not in trained}
-    for network in sorted(trained, key=lambda n: n != "low"):
-        net_dir = subdir(stage_b_dir, network)
-        L.seed_everything(cfg.seed, verbose=False)
-        module_b = ConsistencyDistillationModule(
-            str(causal_dir), student_config_to_dict(student), inits_b[network], cfg.stage_b,
-            cfg.parallel, cfg.seed, init_expert=cfg.init_expert, expert=network,
-            partner_init=str(network_weights["low"][0]) if network == "high" else None)
-        trainer_b = make_trainer(tc, net_dir, cfg.stage_b.max_steps,
-                                 "stage B: consistency distillation" + (f" ({network})" if network else ""))
-        trainer_b.fit(module_b, datamodule(cfg.stage_b.batch_size),
-                      ckpt_path=last_checkpoint(net_dir) if resumable else None)
-        if "loss" in trainer_b.callback_metrics:
-            losses["stage B" + (f" {network}" if network else "")] = float(
-                trainer_b.callback_metrics["loss"])
-        target = output_dir if network is None else net_dir / "export"
-        export_student(module_b.student, module_b.ema_student, student, target,
-                       main=main_weights, rank=trainer_b.global_rank,
-                       info={"step": trainer_b.global_step, **info})
-        _barrier()
-        if network is not None:
-            network_weights[network] = (target, target / other_weights)
-    steps["stage_b"] = cfg.stage_b.max_steps * len(trained)
-    if cfg.split_experts and _rank() == 0:
-        export_moe_student(network_weights, exported, output_dir, main=main_weights,
-                           info={"stage_b_networks": trained, **info})
-    _barrier()
-    seconds["stage_b"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - start
-
-    summary = DistillSummary(output_dir, causal_dir, cache_dir, seconds, steps, losses)
+        with job.phase("ode_init"):
+            start_b, inits = _run_ode_init(job, identity_a)
+    with job.phase("stage_b"):
+        _run_stage_b(job, identity_a, start_b, inits)
+    job.summary.seconds["total"] = time.perf_counter() - start
     if verbose and _rank() == 0:
-        print(summary.line(), flush=True)
-    return summary
+        print(job.summary.line(), flush=True)
+    return job.summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
