@@ -192,7 +192,9 @@ def make_trainer(tc: TrainerConfig, stage_dir: Path, max_steps: int, description
         enable_model_summary=False, logger=CSVLogger(stage_dir, name="logs"),
         callbacks=[checkpoint, StageProgress(description, max_steps, tc.progress_bar),
                    *extra_callbacks],
-        use_distributed_sampler=True)
+        # The training loaders split every epoch over the ranks themselves, so that a resumed
+        # run continues mid-epoch (distill.data.resumable); a sampler inserted here would undo it.
+        use_distributed_sampler=False)
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
@@ -268,6 +270,9 @@ def _quiet_lightning() -> None:
     # The EMA target network is registered (checkpointed) and deliberately in eval mode.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # The loaders resume mid-epoch from the restored step (distill.data.resumable), which this
+    # warning, looking only for a state_dict on the loader, cannot see.
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     # Checkpoints are meant to hold the state AFTER the step (resume continues from there).
     warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
 

@@ -5,9 +5,10 @@ FSDP2 over the two ranks). In one launch, to pay the process start-up once:
 
 1. stage A for one step on sharded experts, then the sharded export of the causal teacher;
 2. stage B uninterrupted for ``--steps`` steps -> ``final_full.safetensors``;
-3. stage B for ``--steps // 2`` steps (the "interruption": max_steps reached at the midpoint,
-   an epoch boundary) with a sharded checkpoint, then a NEW module and Trainer resumed from it
-   with ``ckpt_path`` to ``--steps`` -> ``final_resumed.safetensors``;
+3. stage B for ``--steps - 1`` steps (the "interruption": max_steps reached in the middle of
+   an epoch, whose batches the resumed run must not start over) with a sharded checkpoint, then
+   a NEW module and Trainer resumed from it with ``ckpt_path`` to ``--steps`` ->
+   ``final_resumed.safetensors``;
 4. per rank, the expert chosen at every step of every fit and the intervals it drew ->
    ``choices_rank<r>.json``;
 5. the ODE initialisation: trajectories by a 2-rank predict run, two steps on the sharded
@@ -82,7 +83,7 @@ def trainer(max_steps: int, callbacks=(), checkpoint_dir: Path | None = None) ->
     return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(2, 1),
                      max_steps=max_steps, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=checkpoint_dir is not None,
-                     callbacks=cbs, use_distributed_sampler=True)
+                     callbacks=cbs, use_distributed_sampler=False)  # as distill.run's
 
 
 def stage_b_module(causal_dir: Path) -> ConsistencyDistillationModule:
@@ -146,12 +147,14 @@ def main() -> None:
         save_safetensors_atomic(full_ema, out / "final_full_ema.safetensors")
 
     mark("stage B uninterrupted")
-    # 3. Interrupted at the midpoint with a sharded checkpoint, then resumed by a fresh module.
-    half = args.steps // 2
+    # 3. Interrupted mid-epoch with a sharded checkpoint, then resumed by a fresh module. The
+    # 8 clips over 2 ranks at batch 2 make 2 batches per epoch: step 3 of 4 ends inside one.
+    interrupt = args.steps - 1
+    assert interrupt % 2, f"--steps {args.steps}: the interruption must fall mid-epoch"
     ckpt_dir = out / "checkpoints"
     L.seed_everything(0, verbose=False)
     module = stage_b_module(causal_dir)
-    trainer(half, [RecordDraws(draws, "first_half")], ckpt_dir).fit(module, data())
+    trainer(interrupt, [RecordDraws(draws, "first_half")], ckpt_dir).fit(module, data())
     torch.distributed.barrier()
     mark("stage B first half")
     L.seed_everything(0, verbose=False)

@@ -1,5 +1,6 @@
 """A 2-process CPU distillation (gloo, ModelParallelStrategy(2, 1), FSDP2): sharded checkpoint,
-interruption at the midpoint, resume with ckpt_path, and the same end as an uninterrupted run.
+interruption in the middle of an epoch, resume with ckpt_path, and the same end as an
+uninterrupted run.
 
 The worker (tests/distributed_worker.py) runs under ``python -m torch.distributed.run
 --nproc_per_node=2``: multi-process Trainers must never start inside pytest itself.

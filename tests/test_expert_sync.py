@@ -43,3 +43,13 @@ def test_resume_repeats_the_expert_sequence(choices):
         split = [(c["step"], c["expert"]) for c in rank if c["fit"] in ("first_half", "resumed")]
         assert split == full
         assert {e for _, e in full} == {"high", "low"}  # both experts were exercised
+
+
+def test_resume_repeats_the_batches(choices):
+    # Interrupted mid-epoch: the resumed run continues that epoch's batches, it does not start
+    # the epoch over (distill.data.resumable).
+    for rank in choices:
+        full = [(c["step"], c["first_latent"]) for c in rank if c["fit"] == "full"]
+        split = [(c["step"], c["first_latent"]) for c in rank
+                 if c["fit"] in ("first_half", "resumed")]
+        assert split == full

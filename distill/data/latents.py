@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.resumable import resumable_loader
 from distill.data.shapes import ShapesWorldDataset
 from teacher.checkpoint import CONFIG_FILE, TeacherModels, detect_layout, load_teacher
 from teacher.config import A14B, TeacherConfig, teacher_config_from_dict
@@ -568,8 +569,8 @@ class _Collate:
 class LatentDataModule(L.LightningDataModule):
     """Training batches from a latent cache folder (see ``collate_latents`` for the batch).
 
-    Shuffled with a generator seeded by ``seed`` (Lightning wraps it in a DistributedSampler
-    under several ranks, which reshuffles by seed + epoch), last partial batch dropped.
+    Shuffled by ``seed``, last partial batch dropped, each rank its share, and resumable
+    mid-epoch (``distill.data.resumable``; the Trainer needs ``use_distributed_sampler=False``).
     """
 
     def __init__(self, folder: str, batch_size: int = 16, num_frames: int | None = None,
@@ -590,8 +591,8 @@ class LatentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=_Collate(self.dataset.negative_context))
+        return resumable_loader(self.dataset, self.batch_size, self.seed, self.trainer,
+                                num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0,
+                                collate_fn=_Collate(self.dataset.negative_context))
 

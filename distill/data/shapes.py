@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.resumable import resumable_loader
 from eval.shapes_world import LANGS, caption, render, sample_spec
 
 # Per-split stream ids in the seed sequence, so train and validation never share a clip.
@@ -105,7 +106,8 @@ class ShapesWorldDataModule(L.LightningDataModule):
     """LightningDataModule over the shapes world.
 
     Training: ``num_train`` clips (a virtual length; the world is unlimited, so make it as large
-    as the run needs), reshuffled each epoch by a generator seeded from ``seed``. Validation: a
+    as the run needs), reshuffled each epoch by a generator seeded from ``seed``, and a resumed
+    run continues mid-epoch (``distill.data.resumable``). Validation: a
     fixed set of ``num_val`` clips from a separate stream, in order. Languages are mixed per
     sample with ``language_weights`` (uniform when None).
     """
@@ -144,20 +146,13 @@ class ShapesWorldDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
 
-    def _loader(self, dataset: ShapesWorldDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle,  # constant train batch shapes; validation keeps every clip
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # Resumable mid-epoch, in the order of the seeded shuffle (distill.data.resumable).
+        return resumable_loader(self.train_set, self.batch_size, self.seed, self.trainer,
+                                num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        # In order, every clip (no partial batch dropped).
+        return DataLoader(self.val_set, batch_size=self.batch_size,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

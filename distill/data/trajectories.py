@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.ar_adaptation import read_causal_teacher
 from distill.data.latents import LatentShardDataset
+from distill.data.resumable import resumable_loader
 from distill.networks import FrozenExperts, load_causal_network
 from distill.ode_init import TrajectoryGrid, causal_teacher_trajectories
 from teacher.weight_files import CheckpointError, save_safetensors_atomic, write_text_atomic
@@ -213,7 +214,8 @@ class TrajectoryDataset(Dataset):
 
 
 class TrajectoryDataModule(L.LightningDataModule):
-    """Shuffled training batches of a ``TrajectoryDataset`` (seeded; last partial batch dropped)."""
+    """Shuffled training batches of a ``TrajectoryDataset`` (seeded; last partial batch dropped;
+    each rank its share; resumable mid-epoch: ``distill.data.resumable``)."""
 
     def __init__(self, folder: str, latent_cache: str, batch_size: int, seed: int = 0,
                  num_frames: int | None = None):
@@ -233,6 +235,5 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return resumable_loader(self.dataset, self.batch_size, self.seed, self.trainer)
 

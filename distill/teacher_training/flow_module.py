@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from distill.data.resumable import resumable_loader
 from distill.teacher_training.flow_losses import (
     flow_matching_loss,
     noisy_latents,
@@ -150,6 +151,6 @@ class LatentDataModule(L.LightningDataModule):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        # Resumable mid-epoch, in the order of the seeded shuffle (distill.data.resumable).
+        return resumable_loader(self.dataset, self.batch_size, self.seed, self.trainer)
 

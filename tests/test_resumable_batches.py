@@ -1,0 +1,106 @@
+"""Training batches that a resumed run continues exactly (``distill.data.resumable``)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from distill.data.resumable import ResumableBatches, resumable_loader
+
+
+def legacy_epochs(num_items: int, batch_size: int, seed: int, epochs: int) -> list[list[list[int]]]:
+    """The stages' former loader: torch's seeded shuffle, last partial batch dropped."""
+    loader = DataLoader(range(num_items), batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return [[batch.tolist() for batch in loader] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("num_items,batch_size", [(40, 4), (42, 4), (7, 7)])
+def test_one_process_keeps_the_former_loaders_order(num_items, batch_size):
+    expected = legacy_epochs(num_items, batch_size, seed=7, epochs=4)
+    per_epoch = num_items // batch_size
+    for epoch, batches in enumerate(expected):
+        sampler = ResumableBatches(num_items, batch_size, 7, position=lambda e=epoch: e * per_epoch)
+        assert len(sampler) == per_epoch
+        assert list(sampler) == batches
+
+
+def test_position_continues_mid_epoch():
+    uninterrupted = [b for epoch in legacy_epochs(30, 4, seed=3, epochs=3) for b in epoch]
+    for step in (0, 1, 6, 7, 9, 15):
+        sampler = ResumableBatches(30, 4, 3, position=lambda s=step: s)
+        epoch_end = (step // 7 + 1) * 7  # 7 batches per epoch
+        assert list(sampler) == uninterrupted[step:epoch_end], step
+
+
+def test_ranks_split_every_epoch_evenly_and_disjointly():
+    for epoch in range(3):
+        shares = [ResumableBatches(11, 2, 5, rank=r, world_size=3, position=lambda e=epoch: e)
+                  .epoch_order(epoch) for r in range(3)]
+        assert [len(s) for s in shares] == [3, 3, 3]  # 11 // 3 items each, the rest dropped
+        flat = [i for s in shares for i in s]
+        assert len(set(flat)) == 9 and set(flat) <= set(range(11))
+    # Epochs reshuffle.
+    assert (ResumableBatches(11, 2, 5, rank=0, world_size=3).epoch_order(0)
+            != ResumableBatches(11, 2, 5, rank=0, world_size=3).epoch_order(1))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="do not fill one batch of 8"):
+        ResumableBatches(10, 8, 0, world_size=2)
+    with pytest.raises(ValueError, match=r"rank=2 must lie in \[0, world_size=2\)"):
+        ResumableBatches(10, 2, 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ResumableBatches(10, 0, 0)
+
+
+class Recorder(L.LightningModule):
+    """A linear regression that records the items of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(3, 1)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        index, x = batch
+        self.seen.append(index.tolist())
+        return (self.net(x) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+
+class Items(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.data = TensorDataset(torch.arange(10), torch.linspace(-1, 1, 30).reshape(10, 3))
+
+    def train_dataloader(self):
+        return resumable_loader(self.data, 3, seed=4, trainer=self.trainer)
+
+
+def _fit(max_steps, tmp_path, ckpt_path=None):
+    module = Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True,
+                                                   every_n_train_steps=1, save_top_k=0)])
+    trainer.fit(module, Items(), ckpt_path=ckpt_path)
+    return module
+
+
+def test_lightning_run_interrupted_mid_epoch_resumes_where_it_stopped(tmp_path):
+    # 10 items at batch 3: 3 batches per epoch; the interruption after 4 steps is mid-epoch.
+    full = _fit(8, tmp_path / "full")
+    first = _fit(4, tmp_path / "split")
+    rest = _fit(8, tmp_path / "split", ckpt_path=str(tmp_path / "split" / "last.ckpt"))
+    assert first.seen + rest.seen == full.seen
+    assert len(full.seen) == 8 and len(first.seen) == 4
+    for a, b in zip(full.parameters(), rest.parameters()):
+        assert torch.equal(a, b)
