@@ -11,29 +11,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from distill.data.resumable import ResumableBatches, resumable_loader
 
 
-def legacy_epochs(num_items: int, batch_size: int, seed: int, epochs: int) -> list[list[list[int]]]:
-    """The stages' former loader: torch's seeded shuffle, last partial batch dropped."""
-    loader = DataLoader(range(num_items), batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return [[batch.tolist() for batch in loader] for _ in range(epochs)]
-
-
-@pytest.mark.parametrize("num_items,batch_size", [(40, 4), (42, 4), (7, 7)])
-def test_one_process_keeps_the_former_loaders_order(num_items, batch_size):
-    expected = legacy_epochs(num_items, batch_size, seed=7, epochs=4)
+def sampler_batches(num_items: int, batch_size: int, seed: int, epochs: int) -> list[list[int]]:
+    """The batches of ``epochs`` whole epochs, each epoch started at its first step."""
     per_epoch = num_items // batch_size
-    for epoch, batches in enumerate(expected):
-        sampler = ResumableBatches(num_items, batch_size, 7, position=lambda e=epoch: e * per_epoch)
-        assert len(sampler) == per_epoch
-        assert list(sampler) == batches
+    return [batch for epoch in range(epochs) for batch in
+            ResumableBatches(num_items, batch_size, seed, position=lambda e=epoch: e * per_epoch)]
 
 
 def test_position_continues_mid_epoch():
-    uninterrupted = [b for epoch in legacy_epochs(30, 4, seed=3, epochs=3) for b in epoch]
+    uninterrupted = sampler_batches(30, 4, seed=3, epochs=3)  # 7 batches per epoch
+    assert len(uninterrupted) == 21 and uninterrupted[:7] != uninterrupted[7:14]
     for step in (0, 1, 6, 7, 9, 15):
         sampler = ResumableBatches(30, 4, 3, position=lambda s=step: s)
-        epoch_end = (step // 7 + 1) * 7  # 7 batches per epoch
+        epoch_end = (step // 7 + 1) * 7
         assert list(sampler) == uninterrupted[step:epoch_end], step
+    # Every epoch is a permutation, cut into whole batches.
+    first_epoch = sum(uninterrupted[:7], [])
+    assert len(set(first_epoch)) == 28 and set(first_epoch) <= set(range(30))
 
 
 def test_ranks_split_every_epoch_evenly_and_disjointly():
@@ -84,15 +78,31 @@ class Items(L.LightningDataModule):
         return resumable_loader(self.data, 3, seed=4, trainer=self.trainer)
 
 
-def _fit(max_steps, tmp_path, ckpt_path=None):
+class FormerItems(Items):
+    """The loader the training stages used before (torch's seeded shuffle)."""
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=3, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(4))
+
+
+def _fit(max_steps, tmp_path, ckpt_path=None, data=Items):
     module = Recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False,
                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True,
                                                    every_n_train_steps=1, save_top_k=0)])
-    trainer.fit(module, Items(), ckpt_path=ckpt_path)
+    trainer.fit(module, data(), ckpt_path=ckpt_path)
     return module
+
+
+def test_one_process_keeps_the_order_lightning_drew_from_the_former_loader(tmp_path):
+    # So the runs made before (the shipped teacher and student) reproduce. 10 items at batch 3:
+    # 3 batches per epoch, 4 epochs and a bit.
+    former = _fit(13, tmp_path / "former", data=FormerItems)
+    assert former.seen == sampler_batches(10, 3, seed=4, epochs=5)[:13]
+    assert _fit(13, tmp_path / "now").seen == former.seen
 
 
 def test_lightning_run_interrupted_mid_epoch_resumes_where_it_stopped(tmp_path):

@@ -7,11 +7,13 @@ dataloader is not resumable"). Here the batches are a pure function of (seed, ep
 the position in them is read from the trainer's restored step whenever an epoch starts: one
 optimizer step per batch, which every training stage of this project takes.
 
-The order on one process is exactly that of ``DataLoader(shuffle=True, drop_last=True,
-generator=torch.Generator().manual_seed(seed))``, the loaders the stages used before, so runs
-made with those reproduce. On several ranks every epoch's permutation is split the way
-``DistributedSampler`` splits it (rank r takes every world_size-th item from r, the same number
-on every rank), so a run's data order depends on its world size, as with Lightning's sampler.
+The order on one process is exactly the one that Lightning's loop drew from the loaders the
+stages used before, ``DataLoader(shuffle=True, drop_last=True,
+generator=torch.Generator().manual_seed(seed))``, so runs made with those (the shipped teacher
+and student) reproduce; tests/test_resumable_batches.py checks it against such a run. On several
+ranks every epoch's permutation is split the way ``DistributedSampler`` splits it (rank r takes
+every world_size-th item from r, the same number on every rank), so a run's data order depends
+on its world size, as with Lightning's sampler.
 """
 
 from __future__ import annotations
@@ -52,15 +54,14 @@ class ResumableBatches(Sampler[list[int]]):
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's items of ``epoch`` in batch order (before the partial batch is dropped)."""
-        # Replays the seeded loader through ``epoch`` epochs: torch's DataLoader draws from the
-        # generator when an epoch starts as well as for the permutation, so only the loader
-        # itself reproduces its order. Indices only: cheap for any realistic epoch count.
-        replay = DataLoader(range(self.num_items), batch_size=self.num_items, shuffle=True,
-                            generator=torch.Generator().manual_seed(self.seed))
-        for _ in range(epoch):
-            for _ in replay:
-                pass
-        permutation = next(iter(replay)).tolist()
+        # The former loader's draws, epoch by epoch, from its one seeded generator: torch's
+        # DataLoader draws its workers' base seed when an epoch's iterator starts, then its
+        # RandomSampler the permutation. (The sampler would draw once more after its last item,
+        # but Lightning stops after the last full batch and never asks for it.)
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            permutation = torch.randperm(self.num_items, generator=generator).tolist()
         share = self.num_items // self.world_size
         return permutation[self.rank:share * self.world_size:self.world_size]
 
