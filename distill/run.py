@@ -46,12 +46,13 @@ from pathlib import Path  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from jsonargparse import ArgumentParser  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from distill.ar_adaptation import CAUSAL_TEACHER_FILE, ARAdaptationModule  # noqa: E402
+from distill.checkpointing import AtomicCheckpoint, resume_checkpoint  # noqa: E402
 from distill.config import DistillConfig, TrainerConfig, check_init_expert  # noqa: E402
 from distill.data.latents import (  # noqa: E402
     LatentDataModule,
@@ -182,7 +183,7 @@ def make_strategy(tc: TrainerConfig):
 def make_trainer(tc: TrainerConfig, stage_dir: Path, max_steps: int, description: str,
                  extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """A Trainer for one training stage: checkpoints (last only) and CSV logs in ``stage_dir``."""
-    checkpoint = ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step{step}",
+    checkpoint = AtomicCheckpoint(dirpath=stage_dir / "checkpoints", filename="step{step}",
                                  every_n_train_steps=max(1, tc.checkpoint_every_n_steps),
                                  save_top_k=0, save_last=True)
     return L.Trainer(
@@ -198,9 +199,10 @@ def make_trainer(tc: TrainerConfig, stage_dir: Path, max_steps: int, description
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
-    """``<stage_dir>/checkpoints/last.ckpt`` (a file, or a folder for sharded checkpoints)."""
-    path = stage_dir / "checkpoints" / "last.ckpt"
-    return str(path) if path.exists() else None
+    """The complete ``<stage_dir>/checkpoints/last.ckpt`` (a file, or a folder for sharded
+    checkpoints) to resume from, wherever a kill interrupted its writing
+    (``distill.checkpointing``)."""
+    return resume_checkpoint(stage_dir / "checkpoints" / "last.ckpt")
 
 
 def _rank() -> int:

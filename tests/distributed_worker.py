@@ -32,11 +32,11 @@ from pathlib import Path  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from distill.ar_adaptation import ARAdaptationModule  # noqa: E402
+from distill.checkpointing import AtomicCheckpoint  # noqa: E402
 from distill.config import (  # noqa: E402
     ARAdaptationConfig,
     ConsistencyConfig,
@@ -78,8 +78,8 @@ class RecordDraws(L.Callback):
 def trainer(max_steps: int, callbacks=(), checkpoint_dir: Path | None = None) -> L.Trainer:
     cbs = list(callbacks)
     if checkpoint_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=max_steps,
-                                   save_top_k=0, save_last=True))
+        cbs.append(AtomicCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=max_steps,
+                                    save_top_k=0, save_last=True))
     return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(2, 1),
                      max_steps=max_steps, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=checkpoint_dir is not None,

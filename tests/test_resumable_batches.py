@@ -30,6 +30,11 @@ def test_position_continues_mid_epoch():
     assert len(set(first_epoch)) == 28 and set(first_epoch) <= set(range(30))
 
 
+def test_without_a_position_each_iteration_is_the_next_epoch():
+    sampler = ResumableBatches(30, 4, 3)
+    assert [b for _ in range(3) for b in sampler] == sampler_batches(30, 4, seed=3, epochs=3)
+
+
 def test_ranks_split_every_epoch_evenly_and_disjointly():
     for epoch in range(3):
         shares = [ResumableBatches(11, 2, 5, rank=r, world_size=3, position=lambda e=epoch: e)

@@ -33,17 +33,19 @@ class ResumableBatches(Sampler[list[int]]):
         seed: the shuffle's seed.
         rank, world_size: this process's share of every epoch.
         position: batches consumed so far (the trainer's global step); read at the start of
-            every epoch, so a restored step resumes mid-epoch.
+            every epoch, so a restored step resumes mid-epoch. None: every iteration starts the
+            next epoch (not resumable; the order of an uninterrupted run all the same).
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1, position: Callable[[], int] = lambda: 0):
+                 world_size: int = 1, position: Callable[[], int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size, self.position = rank, world_size, position
+        self._epochs_started = 0  # the position when none is given
         self.batches_per_epoch = (num_items // world_size) // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"{num_items} items over {world_size} rank(s) do not fill one batch of "
@@ -66,7 +68,11 @@ class ResumableBatches(Sampler[list[int]]):
         return permutation[self.rank:share * self.world_size:self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch, done = divmod(int(self.position()), self.batches_per_epoch)
+        if self.position is None:
+            epoch, done = self._epochs_started, 0
+            self._epochs_started += 1
+        else:
+            epoch, done = divmod(int(self.position()), self.batches_per_epoch)
         order, size = self.epoch_order(epoch), self.batch_size
         for b in range(done, self.batches_per_epoch):
             yield order[b * size:(b + 1) * size]
@@ -75,7 +81,9 @@ class ResumableBatches(Sampler[list[int]]):
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, trainer=None,
                      **loader_kwargs) -> DataLoader:
     """A DataLoader over ``ResumableBatches`` positioned by ``trainer`` (a Lightning Trainer:
-    its rank, world size and global step; None: one process from the start).
+    its rank, world size and global step; None: one process, each iteration the next epoch, not
+    resumable: attach the trainer first, ``datamodule.trainer = trainer``, when building the
+    loader outside ``fit``).
 
     The trainer must not insert its own sampler (``use_distributed_sampler=False``): the batches
     already hold this rank's share.

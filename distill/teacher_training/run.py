@@ -27,11 +27,12 @@ import lightning as L
 import torch
 
 from student.paths import embedded_teacher_dir, wan_distill_home
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from distill.checkpointing import AtomicCheckpoint, resume_checkpoint
 from distill.data.shapes import ShapesWorldDataModule
 from distill.teacher_training.flow_module import (
     EXPERTS,
@@ -115,7 +116,7 @@ def _check_run_folder(work: Path, config: TeacherTrainingConfig, seed: int,
 
 def _trainer(stage_dir: Path, max_steps: int, checkpoint_every: int, progress: bool,
              callbacks: list | None = None, grad_clip: float = 0.0) -> L.Trainer:
-    checkpoint = ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0,
+    checkpoint = AtomicCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=checkpoint_every)
     return L.Trainer(
         accelerator="auto", devices=1, max_steps=max_steps, max_epochs=-1,
@@ -127,7 +128,7 @@ def _trainer(stage_dir: Path, max_steps: int, checkpoint_every: int, progress: b
 
 
 def _resume_path(stage_dir: Path) -> str | None:
-    return "last" if (stage_dir / "checkpoints" / "last.ckpt").is_file() else None
+    return resume_checkpoint(stage_dir / "checkpoints" / "last.ckpt")
 
 
 def _read_report(stage_dir: Path) -> dict | None:
@@ -152,6 +153,9 @@ def run_vae_stage(config: TeacherTrainingConfig, teacher: TeacherConfig, seed: i
         num_val=s.val_clips)
     trainer = _trainer(stage_dir, s.steps, s.checkpoint_every, progress)
     # Only the training loader: clips for the report are taken from the validation set below.
+    # Built here, outside fit, so the data module is given its trainer first: the loader's
+    # position follows the trainer's restored step (distill.data.resumable).
+    data.trainer = trainer
     trainer.fit(module, train_dataloaders=data.train_dataloader(), ckpt_path=_resume_path(stage_dir))
     train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     vae = module.vae.cpu().eval()
