@@ -13,7 +13,11 @@ FSDP2 over the two ranks). In one launch, to pay the process start-up once:
    ``choices_rank<r>.json``;
 5. the ODE initialisation: trajectories by a 2-rank predict run, two steps on the sharded
    student, its sharded export (``ode_student/``), then a stage-B student started from that
-   folder (sharded, lr 0, one step) -> ``stage_b_from_ode.safetensors``.
+   folder (sharded, lr 0, one step) -> ``stage_b_from_ode.safetensors``; the trajectories'
+   8 items in batches of 3 are uneven over the ranks (2 batches on rank 0, 1 on rank 1);
+6. stage B of a two-network student's high-noise network with its frozen partner;
+7. the test process's latent cache built again by a 2-rank predict run in batches of 3 ->
+   ``cache_two_ranks/``.
 
 The tests compare the files; this script asserts only what it must to get there. Inputs (tiny
 teacher folder and latent cache) are prepared by the test process: ``--teacher`` and ``--cache``.
@@ -44,7 +48,7 @@ from distill.config import (  # noqa: E402
     OptimConfig,
     ParallelConfig,
 )
-from distill.data.latents import LatentDataModule  # noqa: E402
+from distill.data.latents import LatentDataModule, LatentSource, build_latent_cache  # noqa: E402
 from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
 from distill.module import ConsistencyDistillationModule  # noqa: E402
 from distill.ode_init import trajectory_grid  # noqa: E402
@@ -61,6 +65,7 @@ TINY_STUDENT = StudentConfig(name="tiny", teacher="tiny", dit=TINY.dit, chunk_fr
                              sink_chunks=1, window_chunks=1, shift=3.0, guidance_default=3.0,
                              guidance_max=5.0)
 QUICK = OptimConfig(lr=1e-3, warmup_steps=2, grad_clip=1.0)
+CACHE_SOURCE = LatentSource(kind="shapes", num_clips=8, num_frames=5, seed=2)
 
 
 class RecordDraws(L.Callback):
@@ -177,7 +182,7 @@ def main() -> None:
                                                                  TINY_STUDENT.shift))
     trajectories = build_trajectories(
         out / "trajectories", args.cache, str(causal_dir), grid, num_items=None,
-        guidance_range=(1.0, TINY_STUDENT.guidance_max), seed=3, batch_size=2,
+        guidance_range=(1.0, TINY_STUDENT.guidance_max), seed=3, batch_size=3,
         trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": ModelParallelStrategy(2, 1),
                         "enable_progress_bar": False})
     parallel = ParallelConfig(compute_dtype="bf16", teacher_dtype="bf16", activation_checkpointing=True)
@@ -227,6 +232,13 @@ def main() -> None:
     torch.distributed.barrier()
     mark("stage B of the high-noise network with its partner")
 
+    # 7. The latent cache again, by two ranks (the test process built it on one).
+    build_latent_cache(out / "cache_two_ranks", CACHE_SOURCE, args.teacher, batch_size=3,
+                       trainer_kwargs={"accelerator": "cpu", "devices": 2,
+                                       "strategy": ModelParallelStrategy(2, 1),
+                                       "enable_progress_bar": False})
+    mark("latent cache on two ranks")
+
 
 if __name__ == "__main__":
     main()
@@ -249,7 +261,6 @@ def launch_two_process_run(steps: int = 4, timeout: float = 120.0) -> dict:
     import tempfile
     import time
 
-    from distill.data.latents import LatentSource, build_latent_cache
     from tests.tiny_teacher import tiny_models, write_official
 
     if "result" in _LAUNCHED:
@@ -259,9 +270,7 @@ def launch_two_process_run(steps: int = 4, timeout: float = 120.0) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cache = build_latent_cache(root / "cache", LatentSource(kind="shapes", num_clips=8,
-                                                                num_frames=5, seed=2),
-                                   str(teacher_dir), batch_size=8,
+        cache = build_latent_cache(root / "cache", CACHE_SOURCE, str(teacher_dir), batch_size=8,
                                    trainer_kwargs={"accelerator": "cpu", "devices": 1,
                                                    "enable_progress_bar": False})
     finally:
@@ -281,5 +290,5 @@ def launch_two_process_run(steps: int = 4, timeout: float = 120.0) -> dict:
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"distributed worker failed (exit {proc.returncode}):\n{log[-6000:]}")
-    _LAUNCHED["result"] = {"out": out, "seconds": seconds, "log": log}
+    _LAUNCHED["result"] = {"out": out, "cache": cache, "seconds": seconds, "log": log}
     return _LAUNCHED["result"]

@@ -105,3 +105,24 @@ def test_sharded_high_network_keeps_its_partner_frozen_and_out_of_checkpoints(ru
     assert model_keys and all(k.startswith(("state_dict.student.", "state_dict.ema_student."))
                               for k in model_keys)
     assert len(model_keys) == 2 * len(load_file(out / "final_full.safetensors"))
+
+
+def test_two_rank_predict_runs_write_each_batch_once(run):
+    # Batches of 3 over 8 items: ranges [0, 3) and [6, 8) on rank 0, [3, 6) on rank 1.
+    from distill.data.latents import LatentShardDataset
+    from distill.data.predict_shards import shard_name
+    from distill.data.trajectories import TrajectoryDataset
+
+    expected = [shard_name(0, 3), shard_name(3, 6), shard_name(6, 8)]
+    for folder in (run["out"] / "trajectories", run["out"] / "cache_two_ranks"):
+        assert sorted(p.name for p in folder.glob("shard-*.safetensors")) == expected, folder
+    assert TrajectoryDataset(run["out"] / "trajectories", run["cache"]).indices == list(range(8))
+    # The latent cache of two ranks equals the one the test process built alone, in batches of
+    # 8 (the VAE's batched convolutions agree to rounding).
+    one, two = LatentShardDataset(run["cache"]), LatentShardDataset(run["out"] / "cache_two_ranks")
+    assert one.indices == two.indices == list(range(8))
+    for i in range(8):
+        torch.testing.assert_close(two[i]["latents"], one[i]["latents"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(two[i]["context"], one[i]["context"], rtol=0, atol=1e-6)
+        assert two[i]["caption"] == one[i]["caption"]
+    torch.testing.assert_close(two.negative_context, one.negative_context)

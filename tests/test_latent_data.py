@@ -22,14 +22,6 @@ from teacher.video_io import write_mp4
 from tests.tiny_teacher import tiny_models, write_official
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     # Smooth content (a gradient plus a flat square) survives mp4 compression well.

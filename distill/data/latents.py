@@ -9,14 +9,15 @@ Three sources end in the same shard format:
   and encoded the same way;
 - teacher-generated latents from prompts (``PromptDataset`` + ``TeacherSamplesModule``).
 
-Encoding and generation are distributed Lightning ``trainer.predict`` runs: each rank handles
-its part of the data and ``LatentShardWriter`` writes one safetensors shard per rank per batch,
-atomically. A shard holds
+Encoding and generation are distributed Lightning ``trainer.predict`` runs that write one
+safetensors shard per batch, atomically, and resume after a kill with the missing batches only
+(``distill.data.predict_shards``). A shard holds
 
     latents  [b, C, F, H, W]   normalised VAE latents (what the DiT sees)
     context  [b, text_len, text_dim]  text-encoder output, rows past each caption zeroed
-    index    int64 [b]         the item's index in the source (DistributedSampler pads the last
-                               batches with repeats; readers keep one copy per index)
+    index    int64 [b]         the item's index in the source (caches built before with
+                               Lightning's DistributedSampler hold padding repeats; readers keep
+                               one copy per index)
 
 plus the captions in the safetensors metadata. The folder also holds ``negative_context.
 safetensors`` (the teacher's negative prompt encoded: the unconditional branch of CFG and the
@@ -37,10 +38,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.predict_shards import ShardWriter, run_sharded_predict
 from distill.data.resumable import resumable_loader
 from distill.data.shapes import ShapesWorldDataset
 from teacher.checkpoint import CONFIG_FILE, TeacherModels, detect_layout, load_teacher
@@ -394,30 +395,18 @@ class TeacherSamplesModule(EncodeVideosModule):
                 "index": batch["index"], "caption": list(batch["caption"])}
 
 
-class LatentShardWriter(BasePredictionWriter):
-    """Writes each predict batch as ``shard-r<rank>-b<batch>.safetensors``, atomically.
+def latent_shard_writer(cache_dir: str | os.PathLike) -> ShardWriter:
+    """The writer of a latent cache's shards (see the module docstring for their contents)."""
+    return ShardWriter(cache_dir, SHARD_FORMAT, _shard_tensors, _shard_metadata)
 
-    Atomic writes (temp file + rename) mean a crashed run leaves only whole shards, and the
-    manifest written after the last rank finished is the marker of a complete cache.
-    """
 
-    def __init__(self, output_dir: str | os.PathLike):
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+def _shard_tensors(prediction: dict) -> dict[str, torch.Tensor]:
+    return {"latents": prediction["latents"], "context": prediction["context"],
+            "index": prediction["index"].to(torch.int64)}
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0) -> None:
-        name = f"shard-r{trainer.global_rank:03d}-b{batch_idx:06d}.safetensors"
-        tensors = {"latents": prediction["latents"], "context": prediction["context"],
-                   "index": prediction["index"].to(torch.int64)}
-        metadata = {"format": SHARD_FORMAT,
-                    "captions": json.dumps(prediction["caption"], ensure_ascii=False)}
-        save_safetensors_atomic(tensors, self.output_dir / name, metadata=metadata)
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            save_safetensors_atomic({"context": pl_module.negative_context()},
-                                    self.output_dir / NEGATIVE_CONTEXT_FILE)
+def _shard_metadata(prediction: dict) -> dict[str, str]:
+    return {"captions": json.dumps(prediction["caption"], ensure_ascii=False)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,29 +431,26 @@ def build_latent_cache(cache_dir: str | os.PathLike, source: LatentSource, teach
                        trainer_kwargs: dict | None = None, num_workers: int = 0) -> Path:
     """Encode (or generate) ``source`` into ``cache_dir`` with a distributed ``trainer.predict``.
 
-    Reuses a complete cache. ``trainer_kwargs`` go to ``L.Trainer`` (accelerator, devices,
-    strategy...); Lightning's DistributedSampler splits the items over the ranks.
+    Reuses a complete cache, and the shards of an interrupted attempt
+    (``distill.data.predict_shards``). ``trainer_kwargs`` go to ``L.Trainer`` (accelerator,
+    devices, strategy...); batch j goes to rank ``j % world_size``.
     """
     cache_dir = Path(cache_dir)
     if is_complete(cache_dir):
         return cache_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob("shard-*.safetensors"):  # an interrupted earlier attempt
-        stale.unlink()
     dataset = source_dataset(source)
     if source.kind == "teacher_samples":
         module = TeacherSamplesModule(teacher_dir, store_dtype=store_dtype,
                                       steps=source.steps, frames=source.num_frames)
     else:
         module = EncodeVideosModule(teacher_dir, store_dtype=store_dtype)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_items)
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              **(trainer_kwargs or {})}
-    trainer = L.Trainer(callbacks=[LatentShardWriter(cache_dir)], **kwargs)
-    trainer.predict(module, loader, return_predictions=False)
-    trainer.strategy.barrier("latent-cache")
+    trainer = run_sharded_predict(cache_dir, module, dataset, batch_size=batch_size,
+                                  collate_fn=_collate_items, writer=latent_shard_writer(cache_dir),
+                                  trainer_kwargs=trainer_kwargs, num_workers=num_workers)
     if trainer.is_global_zero:
+        # configure_model loaded the text encoder on every rank, even one with no batch left.
+        save_safetensors_atomic({"context": module.negative_context()},
+                                cache_dir / NEGATIVE_CONTEXT_FILE)
         manifest = {"format": SHARD_FORMAT, "source": asdict(source), "store_dtype": store_dtype,
                     "teacher_dir": str(Path(teacher_dir).resolve()), "num_items": len(dataset)}
         write_text_atomic(json.dumps(manifest, indent=2, ensure_ascii=False),

@@ -2,8 +2,9 @@
 
 A distributed Lightning ``trainer.predict`` run over the items of a latent cache (their prompt
 contexts; the clean latents are not used): each rank samples the stage-A causal teacher for its
-items (``distill.ode_init.causal_teacher_trajectories``) and ``TrajectoryShardWriter`` writes
-one safetensors shard per rank per batch, atomically:
+batches (``distill.ode_init.causal_teacher_trajectories``), one safetensors shard per batch,
+written atomically; a killed run resumes with the missing batches (``distill.data.
+predict_shards``):
 
     states    [b, K, C, F, H, W]  the trajectory at the student's K sigmas (per chunk)
     ends      [b, C, F, H, W]     where it ends (sigma 0)
@@ -23,16 +24,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from distill.ar_adaptation import read_causal_teacher
 from distill.data.latents import LatentShardDataset
+from distill.data.predict_shards import ShardWriter, run_sharded_predict
 from distill.data.resumable import resumable_loader
 from distill.networks import FrozenExperts, load_causal_network
 from distill.ode_init import TrajectoryGrid, causal_teacher_trajectories
-from teacher.weight_files import CheckpointError, save_safetensors_atomic, write_text_atomic
+from teacher.weight_files import CheckpointError, write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 SHARD_FORMAT = "wan-distill-trajectories-v1"
@@ -119,19 +120,15 @@ class TrajectoryModule(L.LightningModule):
                 "guidance": torch.tensor(guidance, dtype=torch.float32), "index": batch["index"]}
 
 
-class TrajectoryShardWriter(BasePredictionWriter):
-    """Writes each predict batch as ``shard-r<rank>-b<batch>.safetensors``, atomically."""
+def trajectory_shard_writer(folder: str | os.PathLike) -> ShardWriter:
+    """The writer of trajectory shards (see the module docstring for their contents)."""
+    return ShardWriter(folder, SHARD_FORMAT, _shard_tensors)
 
-    def __init__(self, output_dir: str | os.PathLike):
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0) -> None:
-        name = f"shard-r{trainer.global_rank:03d}-b{batch_idx:06d}.safetensors"
-        tensors = {k: prediction[k].cpu() for k in ("states", "ends", "guidance")}
-        tensors["index"] = prediction["index"].to(torch.int64).cpu()
-        save_safetensors_atomic(tensors, self.output_dir / name, metadata={"format": SHARD_FORMAT})
+def _shard_tensors(prediction: dict) -> dict[str, torch.Tensor]:
+    tensors = {k: prediction[k].cpu() for k in ("states", "ends", "guidance")}
+    tensors["index"] = prediction["index"].to(torch.int64).cpu()
+    return tensors
 
 
 def build_trajectories(folder: str | os.PathLike, latent_cache: str | os.PathLike,
@@ -140,25 +137,20 @@ def build_trajectories(folder: str | os.PathLike, latent_cache: str | os.PathLik
                        teacher_dtype: str = "fp32", store_dtype: torch.dtype = torch.float32,
                        num_frames: int | None = None, trainer_kwargs: dict | None = None) -> Path:
     """Sample the causal teacher for the first ``num_items`` items of ``latent_cache`` (None:
-    all) into ``folder``; reuses a complete folder (the caller names it after its settings)."""
+    all) into ``folder``; reuses a complete folder (the caller names it after its settings) and
+    the shards of an interrupted attempt (``distill.data.predict_shards``)."""
     folder = Path(folder)
     if trajectories_complete(folder):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("shard-*.safetensors"):  # an interrupted earlier attempt
-        stale.unlink()
     cache = LatentShardDataset(latent_cache, num_frames)
     items = _CacheItems(cache, num_items)
     module = TrajectoryModule(causal_teacher_dir, grid, cache.negative_context, guidance_range,
                               seed, teacher_dtype, store_dtype)
-    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=_collate)
     # no_grad instead of inference_mode: the KV cache reuses a prompt's cross-attention K/V by
     # the context's version counter, which inference tensors do not have.
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              **(trainer_kwargs or {}), "inference_mode": False}
-    trainer = L.Trainer(callbacks=[TrajectoryShardWriter(folder)], **kwargs)
-    trainer.predict(module, loader, return_predictions=False)
-    trainer.strategy.barrier("trajectories")
+    trainer = run_sharded_predict(folder, module, items, batch_size=batch_size, collate_fn=_collate,
+                                  writer=trajectory_shard_writer(folder),
+                                  trainer_kwargs={**(trainer_kwargs or {}), "inference_mode": False})
     if trainer.is_global_zero:
         manifest = {"format": SHARD_FORMAT, "latent_cache": str(Path(latent_cache).resolve()),
                     "num_items": len(items), "sigmas": grid.sigmas[grid.keep].tolist()}
