@@ -9,9 +9,10 @@ error naming it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distill.data.latents import LatentSource
+from student.config import StudentConfig
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class ConsistencyConfig:
     ema_start_step: int = 0  # before it the EMA copies the student (FastVideo starts at 200)
     teacher_solver: str = "euler"
     per_chunk_intervals: bool = True
-    guidance_min: float = 1.0  # student guidance ~ U[guidance_min, student preset guidance_max]
+    # Student guidance ~ U[guidance_min, student preset guidance_max] in the ODE stage and here;
+    # the exported student accepts that range (guidance_min at most its guidance_default).
+    guidance_min: float = 1.0
     export_weights: str = "ema"  # which weights the exported student folder's top level holds
 
     def __post_init__(self) -> None:
@@ -162,6 +165,16 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     progress_bar: bool = True
     num_threads: int | None = None  # CPU threads of torch; None: its default (1 if OpenMP spins)
+
+
+def with_guidance_min(student: StudentConfig, guidance_min: float) -> StudentConfig:
+    """``student`` trained on guidance scales from ``stage_b.guidance_min``: the exported
+    student then accepts [guidance_min, guidance_max] only, which is what it learned."""
+    if not 1.0 <= guidance_min <= student.guidance_default:
+        raise ValueError(f"stage_b.guidance_min={guidance_min} must lie in [1, the student's "
+                         f"guidance_default={student.guidance_default}] (the scale it runs at "
+                         f"when none is given must be one it is trained on)")
+    return replace(student, guidance_min=float(guidance_min))
 
 
 # The stage-A experts a student can start from (DistillConfig.init_expert).

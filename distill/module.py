@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from distill.ar_adaptation import make_optimizer, read_causal_teacher, step_generator
-from distill.config import ConsistencyConfig, ParallelConfig, check_init_expert
+from distill.config import ConsistencyConfig, ParallelConfig, check_init_expert, with_guidance_min
 from distill.consistency import (
     TEACHER_SOLVERS,
     causal_cd_step,
@@ -97,9 +97,8 @@ class ConsistencyDistillationModule(L.LightningModule):
                                     sampling.num_train_timesteps)
         # The student's guidance means expert_low's CFG scale; expert_high runs it + this offset.
         self.guidance_offset = sampling.guidance_high - sampling.guidance_low
-        if not 1.0 <= stage.guidance_min <= self.student_config.guidance_max:
-            raise ValueError(f"stage_b.guidance_min={stage.guidance_min} must lie in [1, student "
-                             f"guidance_max={self.student_config.guidance_max}]")
+        # The exported student accepts the scales it is trained on.
+        self.student_config = with_guidance_min(self.student_config, stage.guidance_min)
         self.student: CausalWanModel | None = None
         self.ema_student: CausalWanModel | None = None
         self._teacher: FrozenExperts | None = None  # a plain object: never registered
@@ -161,7 +160,7 @@ class ConsistencyDistillationModule(L.LightningModule):
         self.chosen_experts.append((step, expert))
         private = step_generator(self.seed, step, self.global_rank)
         x0 = batch["latents"].float()
-        lo, hi = self.stage.guidance_min, self.student_config.guidance_max
+        lo, hi = self.student_config.guidance_range
         guidance = (lo + (hi - lo) * torch.rand(x0.shape[0], generator=private)).to(x0.device)
 
         student, ema, teacher = self.student, self.ema_student, self.teacher

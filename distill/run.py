@@ -53,7 +53,12 @@ from tqdm import tqdm  # noqa: E402
 
 from distill.ar_adaptation import CAUSAL_TEACHER_FILE, ARAdaptationModule  # noqa: E402
 from distill.checkpointing import AtomicCheckpoint, resume_checkpoint  # noqa: E402
-from distill.config import DistillConfig, TrainerConfig, check_init_expert  # noqa: E402
+from distill.config import (  # noqa: E402
+    DistillConfig,
+    TrainerConfig,
+    check_init_expert,
+    with_guidance_min,
+)
 from distill.data.latents import (  # noqa: E402
     LatentDataModule,
     build_latent_cache,
@@ -127,8 +132,9 @@ def read_teacher_config(teacher_dir: Path) -> TeacherConfig:
 
 
 def resolve_student(config: DistillConfig, teacher: TeacherConfig) -> StudentConfig:
-    """The student preset, checked against where its weights start."""
-    student = student_preset(config.student)
+    """The student preset, checked against where its weights start, with the guidance range
+    it is trained on (``stage_b.guidance_min`` to its ``guidance_max``)."""
+    student = with_guidance_min(student_preset(config.student), config.stage_b.guidance_min)
     check_init_expert(config.init_expert)
     if config.student_init is None and student.dit != teacher.dit:
         raise ValueError(
@@ -422,7 +428,7 @@ def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, s
         trajectories = build_trajectories(
             ode_dir / "trajectories", job.summary.cache_dir, str(job.causal_dir), grid,
             num_items=o.num_trajectories,
-            guidance_range=(cfg.stage_b.guidance_min, student.guidance_max), seed=cfg.seed,
+            guidance_range=student.guidance_range, seed=cfg.seed,
             batch_size=o.generate_batch_size, teacher_dtype=cfg.parallel.teacher_dtype,
             num_frames=cfg.data.num_frames, trainer_kwargs=job.predict_kwargs())
         L.seed_everything(cfg.seed, verbose=False)

@@ -36,7 +36,10 @@ class StudentConfig:
         guidance_default: guidance scale used when the user gives none (for the A14B students
             the teacher's low-noise expert CFG scale, which reproduces the teacher's default
             sampler; the shapes student's was chosen on held-out prompts).
-        guidance_max: upper end of the guidance range the student is trained on (U[1, max]).
+        guidance_max: upper end of the guidance range the student is trained on
+            (U[guidance_min, guidance_max]).
+        guidance_min: lower end of that range, 1 (no guidance) unless stage B's
+            ``guidance_min`` raised it.
         guidance_embedding: whether the model has the guidance embedding (False for the causal
             teachers of distillation stage A).
         num_train_timesteps: N of the flow-matching schedule (model timestep = trunc(sigma * N)).
@@ -55,6 +58,7 @@ class StudentConfig:
     shift: float
     guidance_default: float
     guidance_max: float
+    guidance_min: float = 1.0
     guidance_embedding: bool = True
     num_train_timesteps: int = 1000
     boundary: float | None = None
@@ -72,9 +76,10 @@ class StudentConfig:
             raise ValueError(f"StudentConfig {self.name!r}: steps={self.steps} must be >= 1")
         if not self.shift > 0:
             raise ValueError(f"StudentConfig {self.name!r}: shift={self.shift} must be > 0")
-        if not 1.0 <= self.guidance_default <= self.guidance_max:
-            raise ValueError(f"StudentConfig {self.name!r}: need 1 <= guidance_default "
-                             f"({self.guidance_default}) <= guidance_max ({self.guidance_max})")
+        if not 1.0 <= self.guidance_min <= self.guidance_default <= self.guidance_max:
+            raise ValueError(f"StudentConfig {self.name!r}: need 1 <= guidance_min "
+                             f"({self.guidance_min}) <= guidance_default ({self.guidance_default}) "
+                             f"<= guidance_max ({self.guidance_max})")
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ValueError(f"StudentConfig {self.name!r}: boundary={self.boundary} must lie "
                              f"strictly between 0 and 1 (or be null for one network)")
@@ -85,9 +90,10 @@ class StudentConfig:
 
     @property
     def guidance_range(self) -> tuple[float, float]:
-        """The guidance scales the student accepts: [1, guidance_max], its training range (the
-        engine, the evaluation and the server's protocol limits all check against this)."""
-        return 1.0, self.guidance_max
+        """The guidance scales the student accepts: [guidance_min, guidance_max], its training
+        range (the engine, the evaluation and the server's protocol limits all check against
+        this)."""
+        return self.guidance_min, self.guidance_max
 
     @property
     def max_attended_frames(self) -> int:
@@ -150,6 +156,10 @@ def student_preset(name: str) -> StudentConfig:
 def student_config_to_dict(config: StudentConfig) -> dict:
     """A JSON-ready dict of a StudentConfig (tuples become lists)."""
     values = asdict(config)
+    if values["guidance_min"] == 1.0:
+        # The default is left out, so that student folders and run identities written before
+        # the field existed read back as the same config.
+        del values["guidance_min"]
     values["dit"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["dit"].items()}
     return values
 

@@ -22,7 +22,13 @@ from student.checkpoint import (
     student_from_expert_state_dict,
     student_from_wan_folder,
 )
-from student.config import STUDENT_PRESETS, StudentConfig, student_preset
+from student.config import (
+    STUDENT_PRESETS,
+    StudentConfig,
+    student_config_from_dict,
+    student_config_to_dict,
+    student_preset,
+)
 from teacher.config import DiTConfig
 from teacher.dit import WanModel
 from teacher.weight_files import CheckpointError, save_safetensors_atomic
@@ -365,6 +371,24 @@ def test_presets_are_consistent():
     with pytest.raises(ValueError, match="1025 frames, beyond the 1024 RoPE positions"):
         replace(shapes, sink_chunks=1, window_chunks=1023)
     assert replace(shapes, sink_chunks=1, window_chunks=1022).max_attended_frames == 1024
+
+
+def test_guidance_min_sets_the_accepted_range_and_is_written_only_when_raised(tmp_path):
+    config = tiny_config()
+    assert config.guidance_range == (1.0, 5.0)
+    # Left out at its default: student folders and run identities written before the field
+    # existed read back as the same config.
+    assert "guidance_min" not in student_config_to_dict(config)
+    raised = tiny_config(guidance_min=2.0)
+    assert raised.guidance_range == (2.0, 5.0)
+    assert student_config_to_dict(raised)["guidance_min"] == 2.0
+    assert student_config_from_dict(student_config_to_dict(raised)) == raised
+    save_student(tmp_path / "s", randomise(CausalWanModel.from_config(raised), seed=1), raised)
+    assert load_student(tmp_path / "s")[1].guidance_range == (2.0, 5.0)
+    with pytest.raises(ValueError, match=r"guidance_min \(3.5\) <= guidance_default \(3.0\)"):
+        tiny_config(guidance_min=3.5)
+    with pytest.raises(ValueError, match=r"1 <= guidance_min \(0.5\)"):
+        tiny_config(guidance_min=0.5)
 
 
 # ----- bad input ---------------------------------------------------------------------------

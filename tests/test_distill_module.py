@@ -38,15 +38,6 @@ TINY_STUDENT = StudentConfig(name="tiny", teacher="tiny", dit=TINY.dit, chunk_fr
 QUICK = OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two spinning OpenMP threads thrash on a shared 2-core CPU; one thread is faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
@@ -223,6 +214,33 @@ def test_stage_b_rejects_bad_settings(causal_teacher):
     other = replace(TINY_STUDENT, chunk_frames=2)
     with pytest.raises(ValueError, match="chunk_frames"):
         ConsistencyDistillationModule(str(causal_teacher["folder"]), student_config_to_dict(other))
+
+
+def test_stage_b_trains_on_its_guidance_range_and_the_student_carries_it(
+        causal_teacher, tiny_run, monkeypatch):
+    import distill.module
+
+    stage = ConsistencyConfig(max_steps=1, batch_size=4, optim=QUICK, num_intervals=6,
+                              guidance_min=2.5)
+    module = ConsistencyDistillationModule(str(causal_teacher["folder"]),
+                                           student_config_to_dict(TINY_STUDENT), stage=stage)
+    assert module.student_config.guidance_range == (2.5, 5.0)  # what the export writes
+    drawn = []
+    original = distill.module.causal_cd_step
+
+    def recording(*args, **kwargs):
+        drawn.append(args[7])  # the per-sample guidance scales
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distill.module, "causal_cd_step", recording)
+    _trainer(fast_dev_run=True).fit(module, LatentDataModule(str(tiny_run["cache"]), batch_size=4))
+    assert len(drawn) == 1 and drawn[0].shape == (4,)
+    assert 2.5 <= float(drawn[0].min()) and float(drawn[0].max()) <= 5.0
+    with pytest.raises(ValueError, match=r"stage_b.guidance_min=3.5 must lie in \[1, the "
+                                         r"student's guidance_default=3.0\]"):
+        ConsistencyDistillationModule(str(causal_teacher["folder"]),
+                                      student_config_to_dict(TINY_STUDENT),
+                                      stage=ConsistencyConfig(guidance_min=3.5))
 
 
 def test_one_network_of_a_two_network_student(causal_teacher, tiny_run):

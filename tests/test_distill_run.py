@@ -21,14 +21,6 @@ from tests.tiny_teacher import TINY, tiny_models, write_official
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_shapes_recipe_is_the_default_config():
     # `wan-distill distill` without arguments must run the shapes recipe even where the
     # configs folder is not installed: the YAML and the dataclass defaults must agree.
@@ -69,6 +61,17 @@ def test_recipe_errors():
     # A misspelt expert fails while the recipe is read, before any data or training.
     with pytest.raises(ValueError, match=r"init_expert='hgh' must be one of \['high', 'low'\]"):
         resolve_student(load_config(None, ["init_expert=hgh"]), SHAPES)
+    # Above the shapes student's default scale 1.5: it would run untrained when none is given.
+    with pytest.raises(ValueError, match=r"stage_b.guidance_min=2.0 must lie in \[1, the "
+                                         r"student's guidance_default=1.5\]"):
+        resolve_student(load_config(None, ["stage_b.guidance_min=2.0"]), SHAPES)
+
+
+def test_stage_b_guidance_min_is_the_exported_students_range():
+    # The student carries its trained range to generate, stream, serve and eval.
+    assert resolve_student(load_config(None, []), SHAPES).guidance_range == (1.0, 3.0)
+    raised = resolve_student(load_config(None, ["stage_b.guidance_min=1.25"]), SHAPES)
+    assert raised.guidance_range == (1.25, 3.0)
 
 
 def test_default_paths_follow_wan_distill_home(monkeypatch, tmp_path):
