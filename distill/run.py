@@ -63,6 +63,7 @@ from distill.data.latents import (  # noqa: E402
     LatentDataModule,
     build_latent_cache,
     cache_key,
+    is_complete,
     teacher_fingerprint,
 )
 from distill.data.trajectories import TrajectoryDataModule, build_trajectories  # noqa: E402
@@ -252,6 +253,7 @@ class DistillSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
+    reused: set[str] = field(default_factory=set)  # phases a previous run had finished
 
     def line(self) -> str:
         s = self.seconds
@@ -259,11 +261,14 @@ class DistillSummary:
         def clock(x: float) -> str:
             return f"{int(x // 60)}m{int(x % 60):02d}s"
 
+        def took(phase: str) -> str:
+            return "reused" if phase in self.reused else clock(s.get(phase, 0))
+
         loss = ", ".join(f"{k} loss {v:.4f}" for k, v in self.losses.items())
-        ode = (f"ODE init {self.steps['ode_init']} steps {clock(s.get('ode_init', 0))}, "
+        ode = (f"ODE init {self.steps['ode_init']} steps {took('ode_init')}, "
                if "ode_init" in self.steps else "")
-        return (f"distilled in {clock(s.get('total', 0))} (data {clock(s.get('data', 0))}, "
-                f"stage A {self.steps.get('stage_a', 0)} steps {clock(s.get('stage_a', 0))}, "
+        return (f"distilled in {clock(s.get('total', 0))} (data {took('data')}, "
+                f"stage A {self.steps.get('stage_a', 0)} steps {took('stage_a')}, "
                 f"{ode}stage B {self.steps.get('stage_b', 0)} steps {clock(s.get('stage_b', 0))}"
                 f"{'; ' + loss if loss else ''}) -> {self.student_dir}")
 
@@ -370,6 +375,8 @@ def _prepare_job(cfg: DistillConfig) -> _Job:
 def _build_data(job: _Job) -> None:
     """The latent cache: encoded once, reused by every stage and by later runs."""
     cfg = job.cfg
+    if is_complete(job.summary.cache_dir):
+        job.summary.reused.add("data")
     build_latent_cache(job.summary.cache_dir, cfg.data.source, str(job.teacher_dir),
                        batch_size=cfg.data.encode_batch_size, store_dtype=cfg.data.store_dtype,
                        num_workers=cfg.data.num_workers, trainer_kwargs=job.predict_kwargs())
@@ -386,6 +393,7 @@ def _run_stage_a(job: _Job) -> dict:
     resumable = prepare_stage_dir(stage_a_dir, identity_a, cfg.resume)
     job.summary.steps["stage_a"] = cfg.stage_a.max_steps
     if resumable and (causal_dir / CAUSAL_TEACHER_FILE).is_file():
+        job.summary.reused.add("stage_a")
         return identity_a
     if _rank() == 0 and causal_dir.exists():
         shutil.rmtree(causal_dir)
@@ -419,11 +427,13 @@ def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, s
     resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
     grid = trajectory_grid(o.solver_steps, student.shift,
                            student_sigmas(student.steps, student.shift))
+    skipped = 0
     for network in job.networks:
         net_dir = _network_dir(ode_dir, network)
         ode_student = net_dir / "student"
         inits[network] = str(ode_student)
         if resumable and (ode_student / STUDENT_CONFIG_FILE).is_file():
+            skipped += 1
             continue
         trajectories = build_trajectories(
             ode_dir / "trajectories", job.summary.cache_dir, str(job.causal_dir), grid,
@@ -445,6 +455,8 @@ def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, s
         if (loss := _final_loss(trainer_o)) is not None:
             job.summary.losses["ODE init" + (f" {network}" if network else "")] = loss
     job.summary.steps["ode_init"] = sum(o.steps_of(network) for network in job.networks)
+    if skipped == len(job.networks):
+        job.summary.reused.add("ode_init")
     return {"ode_init": identity_o}, inits
 
 

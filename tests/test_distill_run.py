@@ -115,6 +115,7 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     assert line.startswith("distilled in ") and str(summary.student_dir) in line
     # Two networks (the default): ODE steps 2 (high) + 1 (low); stage B trains the high one.
     assert "stage A 2 steps" in line and "ODE init 3 steps" in line and "stage B 2 steps" in line
+    assert "reused" not in line
     assert summary.student_dir == tmp_path / "home" / "students" / "tiny"
     model, config = load_student(summary.student_dir)
     assert isinstance(model, MoEStudent)
@@ -131,7 +132,9 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     # Same settings again: the cache, the causal teacher and stage B's last checkpoint are
     # reused (no new training step), and the export is the same.
     stamp = (summary.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns
-    again = distill_main(None, overrides, verbose=False)
+    again = distill_main(None, overrides)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "data reused, stage A 2 steps reused, ODE init 3 steps reused" in line, line
     assert (again.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
     _assert_same_weights(model, load_student(again.student_dir)[0])
 
