@@ -12,8 +12,8 @@ holds the same items on any number of ranks. On one process these are the batche
 ``DataLoader(shuffle=False)``: caches built before this module reproduce.
 
 Shards are written atomically (temp file + rename), so one that exists is whole. Shards of
-another batch size, of the former naming (``shard-r<rank>-b<batch>``) or of another format are
-removed and their items computed again.
+another batch size or of the former naming (``shard-r<rank>-b<batch>``) are removed and their
+items computed again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from teacher.weight_files import save_safetensors_atomic
@@ -44,21 +43,13 @@ def batch_ranges(num_items: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + batch_size, num_items)) for start in range(0, num_items, batch_size)]
 
 
-def _is_shard(path: Path, shard_format: str) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == shard_format
-    except Exception:  # noqa: BLE001 - an unreadable file is not a shard; it is written again
-        return False
-
-
-def remove_foreign_shards(folder: Path, ranges: list[tuple[int, int]], shard_format: str) -> None:
-    """Delete the shards that are not whole shards of ``ranges`` in ``shard_format``, and temp
-    files that a killed write left behind. Only while no rank writes (a temp file is a write in
-    progress then)."""
+def remove_foreign_shards(folder: Path, ranges: list[tuple[int, int]]) -> None:
+    """Delete the shards that are not of ``ranges`` (another batch size, the former naming), and
+    temp files that a killed write left behind. Only while no rank writes (a temp file is a
+    write in progress then)."""
     wanted = {shard_name(*r) for r in ranges}
     for path in folder.glob(SHARD_GLOB):
-        if path.name not in wanted or not _is_shard(path, shard_format):
+        if path.name not in wanted:
             path.unlink(missing_ok=True)
     for path in folder.glob(".shard-*"):
         path.unlink(missing_ok=True)
@@ -102,16 +93,16 @@ class ShardedPredictData(L.LightningDataModule):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Callable, folder: Path,
-                 shard_format: str, num_workers: int = 0):
+                 num_workers: int = 0):
         super().__init__()
         self.dataset, self.collate_fn, self.folder = dataset, collate_fn, Path(folder)
-        self.shard_format, self.num_workers = shard_format, num_workers
+        self.num_workers = num_workers
         self.ranges = batch_ranges(len(dataset), batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer.is_global_zero:
-            remove_foreign_shards(self.folder, self.ranges, self.shard_format)
+            remove_foreign_shards(self.folder, self.ranges)
         trainer.strategy.barrier("shards-cleaned")
         mine = pending_ranges(self.folder, self.ranges, trainer.global_rank, trainer.world_size)
         # One range per loader batch: a plain batch of 1 that Lightning's predict loop can track.
@@ -145,8 +136,7 @@ def run_sharded_predict(folder: str | os.PathLike, module: L.LightningModule, da
     ``L.Trainer`` (accelerator, devices, strategy, ...)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = ShardedPredictData(dataset, batch_size, collate_fn, folder, writer.shard_format,
-                              num_workers)
+    data = ShardedPredictData(dataset, batch_size, collate_fn, folder, num_workers)
     kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
               **(trainer_kwargs or {}), "use_distributed_sampler": False}
     trainer = L.Trainer(callbacks=[writer], **kwargs)

@@ -126,8 +126,8 @@ def trajectory_shard_writer(folder: str | os.PathLike) -> ShardWriter:
 
 
 def _shard_tensors(prediction: dict) -> dict[str, torch.Tensor]:
-    tensors = {k: prediction[k].cpu() for k in ("states", "ends", "guidance")}
-    tensors["index"] = prediction["index"].to(torch.int64).cpu()
+    tensors = {k: prediction[k] for k in ("states", "ends", "guidance")}
+    tensors["index"] = prediction["index"].to(torch.int64)
     return tensors
 
 
