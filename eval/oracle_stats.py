@@ -18,6 +18,9 @@ import math
 from collections.abc import Sequence
 from statistics import NormalDist
 
+# The oracle slot's key for the per-prompt verdicts (``verdict_string``) in report.json.
+JOINT_BY_PROMPT = "joint_by_prompt"
+
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of ``successes / n`` at ``confidence``."""
@@ -56,3 +59,18 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> d
     n = len(correct_a)
     return {"n": n, "only_a": only_a, "only_b": only_b, "difference": (only_a - only_b) / n,
             "p_value": mcnemar_exact_p(only_a, only_b)}
+
+
+def verdict_string(verdicts: dict[int, bool], n: int) -> str:
+    """Per-prompt verdicts as one character per prompt index 0..n-1: "1" right, "0" wrong, "-"
+    not judged. Kept in report.json so that two reports pair up prompt by prompt."""
+    if any(not 0 <= i < n for i in verdicts):
+        raise ValueError(f"prompt indices {sorted(verdicts)} must lie in [0, {n})")
+    return "".join("-" if i not in verdicts else "1" if verdicts[i] else "0" for i in range(n))
+
+
+def parse_verdict_string(text: str) -> dict[int, bool]:
+    """``verdict_string``'s inverse: {prompt index: verdict} of the judged prompts."""
+    if not isinstance(text, str) or set(text) - {"0", "1", "-"}:
+        raise ValueError(f"a verdict string holds only 0, 1 and -, got {text!r:.60}")
+    return {i: c == "1" for i, c in enumerate(text) if c != "-"}

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from scipy.stats import binomtest
 
+from eval.compare import compare_reports
 from eval.distributed_eval import (JOINT_BY_PROMPT, NOT_RECOVERED, EvalConfig, LatencySettings,
                                    MetricNetworks, OracleCounts, SystemSpec, VideoFeatures,
                                    add_oracle_comparisons, system_name)
@@ -431,7 +432,10 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
         assert s["latency_s"]["n"] == 2 and s["latency_s"]["median"] > 0
         assert s["oracle"]["status"] == "ok" and s["oracle"]["n"] == 4
         assert set(s["oracle"]["by_language"]) == {"en", "zh"}
-        assert JOINT_BY_PROMPT not in s["oracle"]  # used for the pairing, not reported
+        # Kept so that another run's report pairs with this one (eval.compare).
+        verdicts = s["oracle"][JOINT_BY_PROMPT]
+        assert len(verdicts) == 4 and set(verdicts) <= {"0", "1"}
+        assert verdicts.count("1") == s["oracle"]["correct"]["joint"]
         low, high = s["oracle"]["joint_ci95"]
         assert 0 <= low <= s["oracle"]["joint"] <= high <= 1
         if s["kind"] == "student":
@@ -450,6 +454,11 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
             assert paired["status"] == "ok" and paired["psnr_db"]["n"] == 4
             assert paired["lpips"]["status"] == "unavailable" and paired["lpips"]["reason"]
     students = [s for s in on_disk["systems"] if s["kind"] == "student"]
+    # Pairing the written report with itself gives the in-run comparisons back.
+    rows = {(r["a"], r["b"]): r for r in compare_reports(on_disk, on_disk)}
+    for s in students:
+        for teacher, c in s["oracle"]["versus"].items():
+            assert {k: rows[s["name"], teacher][k] for k in c} == c
     assert all(s["streaming"] for s in students)
     assert all(s["time_to_first_frame_s"]["median"] < s["latency_s"]["median"] for s in students)
     assert sum(bool(s["pareto"]) for s in on_disk["systems"]) >= 1
