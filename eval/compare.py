@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from eval.oracle_stats import JOINT_BY_PROMPT, paired_comparison, parse_verdict_string
+from eval.oracle_stats import JOINT_BY_PROMPT, pair_verdicts, parse_verdict_string
 
 # The settings that make prompt i and its noise the same in two reports.
 SAME_PROMPTS = ("num_prompts", "prompt_source", "prompt_seed", "noise_seed")
@@ -30,7 +30,11 @@ def read_report(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a report; pass a `wan-distill eval` report.json "
                                 f"or its --out folder")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); pass the report.json that "
+                         f"`wan-distill eval` wrote") from None
 
 
 def _verdicts(report: dict, label: str) -> dict[str, dict[int, bool]]:
@@ -64,14 +68,9 @@ def compare_reports(a: dict, b: dict, labels: tuple[str, str] = ("A", "B")) -> l
                          f"noise ({detail}); evaluate both with the same num_prompts, "
                          f"prompt_seed and noise_seed")
     verdicts_a, verdicts_b = _verdicts(a, labels[0]), _verdicts(b, labels[1])
-    rows = []
-    for name_a, va in verdicts_a.items():
-        for name_b, vb in verdicts_b.items():
-            shared = sorted(va.keys() & vb.keys())
-            if shared:
-                rows.append({"a": name_a, "b": name_b, **paired_comparison(
-                    [va[i] for i in shared], [vb[i] for i in shared])})
-    return rows
+    pairs = [(name_a, name_b, pair_verdicts(va, vb))
+             for name_a, va in verdicts_a.items() for name_b, vb in verdicts_b.items()]
+    return [{"a": a_name, "b": b_name, **c} for a_name, b_name, c in pairs if c is not None]
 
 
 def format_rows(rows: list[dict], labels: tuple[str, str]) -> str:

@@ -43,7 +43,7 @@ from eval.clip_score import clip_score_per_video
 from eval.oracle import judge
 from eval.oracle_stats import (
     JOINT_BY_PROMPT,
-    paired_comparison,
+    pair_verdicts,
     verdict_string,
     wilson_interval,
 )
@@ -260,8 +260,6 @@ class VideoFeatures(Metric):
 
 
 ORACLE_FIELDS = ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion")
-# OracleCounts.compute's per-prompt verdicts; EvalModule pairs systems with them and drops them
-# from the report.
 # The values of each factor, in the order of the confusion tables' rows and columns.
 FACTOR_VALUES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
 NOT_RECOVERED = "none"  # the confusion column of videos whose factor the oracle could not read
@@ -371,13 +369,8 @@ def add_oracle_comparisons(results: list[dict], verdicts: dict[str, dict[int, bo
         name = entry["name"]
         if entry.get("kind") != "student" or name not in verdicts or not is_ok(entry.get("oracle")):
             continue
-        versus = {}
-        for teacher in teachers:
-            shared = sorted(verdicts[name].keys() & verdicts[teacher].keys())
-            if shared:
-                versus[teacher] = paired_comparison([verdicts[name][i] for i in shared],
-                                                    [verdicts[teacher][i] for i in shared])
-        entry["oracle"]["versus"] = versus
+        pairs = {teacher: pair_verdicts(verdicts[name], verdicts[teacher]) for teacher in teachers}
+        entry["oracle"]["versus"] = {t: c for t, c in pairs.items() if c is not None}
 
 
 def keep_verdicts(results: list[dict], verdicts: dict[str, dict[int, bool]], n: int) -> None:

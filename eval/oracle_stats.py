@@ -61,6 +61,13 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> d
             "p_value": mcnemar_exact_p(only_a, only_b)}
 
 
+def pair_verdicts(a: dict[int, bool], b: dict[int, bool]) -> dict | None:
+    """``paired_comparison`` of two {prompt index: verdict} maps on the prompts both judged;
+    None when they share none."""
+    shared = sorted(a.keys() & b.keys())
+    return paired_comparison([a[i] for i in shared], [b[i] for i in shared]) if shared else None
+
+
 def verdict_string(verdicts: dict[int, bool], n: int) -> str:
     """Per-prompt verdicts as one character per prompt index 0..n-1: "1" right, "0" wrong, "-"
     not judged. Kept in report.json so that two reports pair up prompt by prompt."""

@@ -68,3 +68,6 @@ def test_compare_command(tmp_path, capsys):
     assert "| student-4step | student-4step | 10 | 0 | 2 | -20.0 pts | 0.5 |" in out
     assert main(["compare", str(tmp_path / "old"), str(tmp_path / "missing")]) == 2
     assert "missing is not a report" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["compare", str(tmp_path / "old"), str(tmp_path / "broken.json")]) == 2
+    assert "broken.json is not valid JSON" in capsys.readouterr().err

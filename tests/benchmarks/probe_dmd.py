@@ -42,7 +42,7 @@ from distill.data.latents import LatentShardDataset  # noqa: E402
 from distill.networks import load_causal_network  # noqa: E402
 from student.checkpoint import load_student, save_moe_student  # noqa: E402
 from student.sampler import student_sigmas  # noqa: E402
-from teacher.schedule import sigmas_to_timesteps  # noqa: E402
+from teacher.schedule import shift_sigmas, sigmas_to_timesteps, unshift_sigmas  # noqa: E402
 
 STEPS = 4          # the student's steps per chunk
 U_RANGE = (0.02, 0.98)  # DMD noise levels, before the teacher's shift
@@ -54,11 +54,11 @@ def expert_of(t: int, boundary: float) -> str:
 
 class NoiseLevels:
     """One expert per call (chosen by its share of U_RANGE), then per-chunk sigmas in its range
-    of the shifted schedule ``sigma = s u / (1 + (s - 1) u)``."""
+    of the teacher's shifted schedule."""
 
     def __init__(self, shift: float, boundary: float, rng: torch.Generator):
         self.shift, self.rng = shift, rng
-        self.u_boundary = boundary / (shift - (shift - 1) * boundary)
+        self.u_boundary = unshift_sigmas(boundary, shift)
 
     def draw(self, batch: int, chunks: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         lo, hi = U_RANGE
@@ -66,7 +66,7 @@ class NoiseLevels:
         name = "high" if float(torch.rand((), generator=self.rng)) < p_high else "low"
         a, b = (self.u_boundary, hi) if name == "high" else (lo, self.u_boundary - 1e-3)
         u = a + (b - a) * torch.rand((batch, chunks), generator=self.rng, dtype=torch.float64)
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        sigma = shift_sigmas(u, self.shift)
         t = sigmas_to_timesteps(sigma.flatten(), 1000).view(batch, chunks)
         return name, sigma.float(), t
 
