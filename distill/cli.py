@@ -113,8 +113,9 @@ def _engine_factory(args: argparse.Namespace):
     width, height = args.size if args.size else (None, None)
     try:
         return load_engine_factory(student, teacher, device=pick_device(args.device, args.threads),
-                                   steps=args.steps, width=width, height=height)
-    except FileNotFoundError as err:
+                                   steps=args.steps, width=width, height=height,
+                                   decoder=args.decoder)
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -193,6 +194,8 @@ DELEGATED = {
              "-> report.json, report.md, quality_vs_latency.png"),
     "train-teacher": ("distill.teacher_training.run",
                       "train the embedded shapes-world teacher (VAE, text encoder, two experts)"),
+    "train-decoder": ("distill.tiny_decoder",
+                      "train the tiny streaming decoder that stands in for the teacher's VAE"),
 }
 
 
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=parse_size, default=None, help="WIDTH*HEIGHT")
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+        p.add_argument("--decoder", default="vae", help="vae (the teacher's VAE), tiny (the "
+                       "tiny streaming decoder in <teacher-dir>/tiny_decoder, made by "
+                       "`wan-distill train-decoder`), or a tiny decoder folder")
 
     st = sub.add_parser("stream", help="stream video from the student, switching prompts live")
     st.add_argument("--prompt", required=True)

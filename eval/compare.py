@@ -39,9 +39,12 @@ def read_report(path: str | os.PathLike) -> dict:
 
 def _verdicts(report: dict, label: str) -> dict[str, dict[int, bool]]:
     found = {}
-    for system in report.get("systems", []):
+    for index, system in enumerate(report.get("systems", [])):
         text = (system.get("oracle") or {}).get(JOINT_BY_PROMPT)
         if isinstance(text, str):
+            if not isinstance(system.get("name"), str):
+                raise ValueError(f"report {label}: system {index} has verdicts but no name; pass "
+                                 f"the report.json that `wan-distill eval` wrote, unedited")
             found[system["name"]] = parse_verdict_string(text)
     if not found:
         raise ValueError(f"report {label} holds no per-prompt oracle verdicts (a shapes-world "

@@ -54,6 +54,7 @@ from eval.shapes_world import (COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, pa
 from eval.systems import StudentSystem, TeacherSystem, VideoSystem
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
+from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
 from teacher.video_io import read_video
 
@@ -74,6 +75,8 @@ class SystemSpec:
     guidance: student only, the guidance scale it is given (None: its default); a guidance
     sweep is several student systems that differ only here.
     name: report name (default e.g. ``teacher-euler-4``, ``student-2step``, ``student-4step-g2``).
+    decoder: "vae" (the teacher's VAE) or "tiny" (the tiny streaming decoder trained for it,
+        ``<teacher_dir>/tiny_decoder``; the default name then ends in ``-tiny``).
     """
 
     kind: str
@@ -81,6 +84,7 @@ class SystemSpec:
     solver: str | None = None
     name: str | None = None
     guidance: float | None = None
+    decoder: str = "vae"
 
 
 DEFAULT_SYSTEMS: tuple[SystemSpec, ...] = (
@@ -463,20 +467,23 @@ class LoadedModels:
     teacher: TeacherModels
     student: CausalWanModel | None = None
     student_config: StudentConfig | None = None
+    tiny_decoder: TinyDecoder | None = None
 
 
 def system_name(spec: SystemSpec, teacher_models: TeacherModels, student_config) -> str:
     """The default name of a system spec (as ``TeacherSystem``/``StudentSystem`` name it)."""
     if spec.name:
         return spec.name
+    suffix = "-tiny" if spec.decoder == "tiny" else ""
     if spec.kind == "teacher":
         s = teacher_models.config.sampling
-        return f"teacher-{spec.solver or s.solver}-{spec.steps or s.steps}"
+        return f"teacher-{spec.solver or s.solver}-{spec.steps or s.steps}{suffix}"
     if spec.steps is None and student_config is None:  # a student that was not loaded
-        return "student-default"
+        return f"student-default{suffix}"
     name = f"student-{spec.steps if spec.steps is not None else student_config.steps}step"
     # Names key a ModuleDict, which refuses '.': guidance 1.5 is written g1p5.
-    return name if spec.guidance is None else f"{name}-g{spec.guidance:g}".replace(".", "p")
+    name = name if spec.guidance is None else f"{name}-g{spec.guidance:g}".replace(".", "p")
+    return name + suffix
 
 
 class EvalModule(L.LightningModule):
@@ -542,19 +549,27 @@ class EvalModule(L.LightningModule):
             teacher.expert_low.to(device)
         if self._models.student is not None:
             self._models.student.to(device)
+        if self._models.tiny_decoder is not None:
+            self._models.tiny_decoder.to(device)
         self._networks.to(device)
         self.systems = [self._build(spec, name, device) for spec, name in zip(self.specs, self.names)]
 
     def _build(self, spec: SystemSpec, name: str, device: torch.device) -> VideoSystem:
+        decoder = None
+        if spec.decoder == "tiny":
+            if self._models.tiny_decoder is None:
+                raise ValueError(f"system {name} needs the tiny decoder but none was loaded")
+            decoder = self._models.tiny_decoder
         if spec.kind == "teacher":
             return TeacherSystem(self._models.teacher, spec.steps, spec.solver, device=device,
-                                 offload=self.config.offload, name=name, **self._size())
+                                 offload=self.config.offload, name=name, decoder=decoder,
+                                 **self._size())
         if spec.kind == "student":
             if self._models.student is None:
                 raise ValueError(f"system {name} needs a student but none was loaded")
             return StudentSystem(self._models.student, self._models.student_config,
                                  self._models.teacher, spec.steps, guidance=spec.guidance,
-                                 name=name, **self._size())
+                                 name=name, decoder=decoder, **self._size())
         raise ValueError(f"system kind {spec.kind!r} must be 'teacher' or 'student'")
 
     def _size(self) -> dict:

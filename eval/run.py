@@ -32,6 +32,8 @@ import torch  # noqa: E402
 from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 
 from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
+from student.tiny_decoder import TinyDecoder  # noqa: E402
+from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
 from eval.clip_score import load_clip_score  # noqa: E402
 from eval.distributed_eval import (  # noqa: E402
     WORLDS,
@@ -134,6 +136,9 @@ def check_config(config: EvalConfig) -> None:
                              f"teacher uses its per-expert defaults); remove it")
         if spec.steps is not None and spec.steps < 1:
             raise ValueError(f"systems: steps={spec.steps} must be >= 1")
+        if spec.decoder not in ("vae", "tiny"):
+            raise ValueError(f"systems: decoder={spec.decoder!r} must be 'vae' (the teacher's "
+                             f"VAE) or 'tiny' (<teacher_dir>/tiny_decoder)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +179,16 @@ def load_student_if_present(folder: Path | None, dtype: torch.dtype):
                             f"with `{MAKE_STUDENT}`")
     student, student_config = load_student(folder, dtype=dtype)
     return student, student_config, None
+
+
+def load_tiny_decoder_if_present(teacher_dir: Path, vae) -> tuple[TinyDecoder | None, str | None]:
+    """(decoder, None) or (None, reason) when ``<teacher_dir>/tiny_decoder`` is missing or was
+    trained for another VAE."""
+    folder = teacher_dir / TINY_DECODER_FOLDER
+    try:
+        return load_tiny_decoder(folder, vae), None
+    except (FileNotFoundError, ValueError) as err:
+        return None, str(err)
 
 
 def load_metric_networks(config: EvalConfig) -> MetricNetworks:
@@ -302,6 +317,16 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
                     skipped.append({"name": system_name(s, teacher, None), "reason": reason})
             specs = [s for s in specs if s.kind != "student"]
             notes.append(f"Student systems were not evaluated: {reason}.")
+    tiny_decoder = None
+    if any(s.decoder == "tiny" for s in specs):
+        tiny_decoder, reason = load_tiny_decoder_if_present(teacher_dir, teacher.vae)
+        if reason is not None:
+            for s in specs:
+                if s.decoder == "tiny":
+                    skipped.append({"name": system_name(s, teacher, student_config),
+                                    "reason": reason})
+            specs = [s for s in specs if s.decoder != "tiny"]
+            notes.append(f"Systems with the tiny decoder were not evaluated: {reason}.")
     if not specs:
         raise ValueError("no system left to evaluate (the student was not found and no teacher "
                          "system is listed)")
@@ -316,8 +341,8 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
         specs = [specs[i] for i in order]
 
     nets = networks if networks is not None else load_metric_networks(config)
-    module = EvalModule(LoadedModels(teacher, student, student_config), specs, reference,
-                        prompts, config, nets)
+    module = EvalModule(LoadedModels(teacher, student, student_config, tiny_decoder), specs,
+                        reference, prompts, config, nets)
     trainer = make_trainer(config.trainer)
     if verbose and trainer.is_global_zero:
         for note in notes:

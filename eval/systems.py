@@ -29,6 +29,7 @@ from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.moe import MoEStudent
 from student.sampler import sample_chunk, student_sigmas
+from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
 from teacher.pipeline import (
     GenerationRequest,
@@ -114,6 +115,7 @@ class TeacherSystem:
         device: where the experts run (the text encoder and VAE run where their weights are).
         offload: keep only the active expert on ``device`` (the official single-GPU policy).
         name: report name; default ``teacher-<solver>-<steps>``.
+        decoder: a ``student.tiny_decoder.TinyDecoder`` to decode with instead of the VAE.
     """
 
     kind = "teacher"
@@ -122,8 +124,10 @@ class TeacherSystem:
                  solver: str | None = None, *, width: int | None = None,
                  height: int | None = None, frames: int | None = None,
                  device: torch.device | str = "cpu", offload: bool = True,
-                 name: str | None = None):
-        self.models = models
+                 name: str | None = None, decoder: TinyDecoder | None = None):
+        if decoder is not None:
+            decoder.config.check_vae(models.vae)
+        self.models, self.decoder = models, decoder
         self.device = torch.device(device)
         self.offload = offload
         # A placeholder prompt only resolves the sampler defaults (and validates the settings).
@@ -150,7 +154,8 @@ class TeacherSystem:
                 "shift": r.shift, "guidance_high": r.guidance_high,
                 "guidance_low": r.guidance_low, "streaming": False, "nfe": self._nfe(),
                 "frames": r.frames, "width": r.width, "height": r.height,
-                "fps": self.models.config.sampling.fps}
+                "fps": self.models.config.sampling.fps,
+                "decoder": "vae" if self.decoder is None else "tiny"}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> SystemOutput:
@@ -163,7 +168,10 @@ class TeacherSystem:
         noise, _ = seeded_noise(shape, seeds)
         latents, nfe = sample_latents(self.models, context[:batch], context[batch:], noise, r,
                                       device=self.device, offload=self.offload)
-        videos = decode_latents(self.models, latents)
+        if self.decoder is None:
+            videos = decode_latents(self.models, latents)
+        else:
+            videos = video_to_uint8(self.decoder.decode(latents.to(_device_of(self.decoder))))
         seconds = watch.elapsed()
         return SystemOutput(videos=videos, seconds=seconds, first_frame_seconds=seconds,
                             nfe=nfe, forwards={"denoise": nfe})
@@ -182,10 +190,12 @@ class StudentSystem:
         guidance: the guidance scale (default ``config.guidance_default``).
         width, height, frames: clip size; None takes the teacher's default.
         name: report name; default ``student-<steps>step``.
+        decoder: a ``student.tiny_decoder.TinyDecoder`` to decode with instead of the VAE.
 
     Per chunk: few-step sampling against the cache (``student.sampler.sample_chunk``), append
     the clean chunk to the cache (skipped for the clip's last chunk, which nothing reads), decode
-    it at once with the VAE's streaming decoder, so the first frames exist after one chunk.
+    it at once with the streaming decoder (the VAE's or the tiny one), so the first frames exist
+    after one chunk.
     """
 
     kind = "student"
@@ -194,7 +204,10 @@ class StudentSystem:
                  teacher_parts: TeacherModels, steps: int | None = None, *,
                  guidance: float | None = None, width: int | None = None,
                  height: int | None = None, frames: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, decoder: TinyDecoder | None = None):
+        if decoder is not None:
+            decoder.config.check_vae(teacher_parts.vae)
+        self.decoder = teacher_parts.vae if decoder is None else decoder
         if student.chunk_frames != config.chunk_frames or student.config != config.dit:
             raise ValueError(f"the student (chunk_frames {student.chunk_frames}) does not match "
                              f"its config {config.name!r}; pass the config it was loaded with")
@@ -233,13 +246,14 @@ class StudentSystem:
                 "streaming": True, "chunk_frames": self.config.chunk_frames,
                 "num_chunks": self.num_chunks, "nfe": self.steps * self.num_chunks,
                 "frames": self.frames, "width": self.width, "height": self.height,
-                "fps": self.fps}
+                "fps": self.fps,
+                "decoder": "tiny" if isinstance(self.decoder, TinyDecoder) else "vae"}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> SystemOutput:
         _check_batch(prompts, seeds)
         device = _device_of(self.student)
-        vae = self.parts.vae
+        vae = self.decoder
         vae_device = _device_of(vae)
         batch, cf = len(prompts), self.config.chunk_frames
         watch = Stopwatch(device).start()

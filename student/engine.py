@@ -66,7 +66,8 @@ class StudentStreamEngine:
         config: its ``StudentConfig`` (steps, shift, guidance default/range, sink and window).
         text_encoder, tokenizer: the teacher's umT5 encoder and tokenizer (``teacher.t5``,
             ``teacher.tokenizer``).
-        vae: the teacher's ``WanVAE`` (streaming decode).
+        vae: the teacher's ``WanVAE``, or a ``student.tiny_decoder.TinyDecoder`` trained for it
+            (both decode a stream chunk by chunk with ``new_decode_cache`` / ``decode_chunk``).
         width, height: frame size in pixels (multiples of VAE stride x patch size, e.g. 16).
         fps: video frames per second of video time (timestamps are index / fps).
         steps: student steps per chunk (default ``config.steps``).

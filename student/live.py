@@ -1,7 +1,7 @@
 """Live streaming from scripts and the command line: load an engine, run a timed stream.
 
 ``load_engine_factory`` loads the student and the teacher parts it needs (tokenizer, text
-encoder, VAE; never the 14B experts) once, and returns a factory that makes one engine per
+encoder, VAE or the tiny decoder; never the 14B experts) once, and returns a factory that makes one engine per
 session over the shared weights. ``run_stream`` drives one engine for a number of seconds of
 video, switches prompts at given video times, and writes the MP4 while it generates: the file is a
 fragmented MP4, so an interrupted run leaves a playable file.
@@ -19,17 +19,20 @@ import torch
 from student.checkpoint import load_student
 from student.engine import StudentStreamEngine
 from student.server.recording import Mp4Recorder
+from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder
 from teacher.checkpoint import load_teacher
 
 
 def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         steps: int | None = None, width: int | None = None,
-                        height: int | None = None) -> Callable[[], StudentStreamEngine]:
+                        height: int | None = None,
+                        decoder: str = "vae") -> Callable[[], StudentStreamEngine]:
     """A factory of engines over one loaded student + teacher parts (shared, read-only).
 
     Frame size and fps default to the teacher's sampling defaults (64x64 at 8 fps for the shapes
-    world; pass width/height for a real-size student).
+    world; pass width/height for a real-size student). ``decoder``: "vae" (the teacher's),
+    "tiny" (``<teacher_dir>/tiny_decoder``) or the folder of a tiny decoder trained for that VAE.
     """
     for name, path in (("student", student_dir), ("teacher", teacher_dir)):
         if not Path(path).is_dir():
@@ -41,10 +44,14 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
     parts = load_teacher(teacher_dir, dtype=dtype, experts=False)
     parts.text_encoder.to(device)
     parts.vae.to(device)
+    frames_decoder = parts.vae
+    if decoder != "vae":
+        folder = Path(teacher_dir) / TINY_DECODER_FOLDER if decoder == "tiny" else Path(decoder)
+        frames_decoder = load_tiny_decoder(folder, parts.vae, device=device)
     s = parts.config.sampling
 
     def make() -> StudentStreamEngine:
-        return StudentStreamEngine(student, config, parts.text_encoder, parts.tokenizer, parts.vae,
+        return StudentStreamEngine(student, config, parts.text_encoder, parts.tokenizer, frames_decoder,
                                    width=width or s.width, height=height or s.height, fps=s.fps,
                                    steps=steps)
 

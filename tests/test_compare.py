@@ -56,6 +56,10 @@ def test_reports_of_other_prompts_or_without_verdicts_are_refused():
         compare_reports(a, old)
     with pytest.raises(ValueError, match="only shapes-world reports"):
         compare_reports(a, {**a, "world": "prompts"})
+    nameless = _report({"s": "1" * 10})
+    del nameless["systems"][0]["name"]
+    with pytest.raises(ValueError, match="report B: system 0 has verdicts but no name"):
+        compare_reports(a, nameless)
 
 
 def test_compare_command(tmp_path, capsys):

@@ -515,3 +515,46 @@ def test_numbers_keep_their_decimals_below_1e5():
     assert _num(0.98912) == "0.989"
     assert _num(123456.0, 1) == "1.235e+05"
     assert _num(float("inf")) == "inf"
+
+
+def test_tiny_decoder_systems_run_beside_the_vae_ones_and_are_skipped_without_it(
+        tiny_folders, tmp_path, capsys):
+    """decoder: tiny decodes with <teacher_dir>/tiny_decoder; without one (or with one of
+    another VAE) those systems are skipped with the command that makes it, the rest still run."""
+    import shutil
+
+    from student.tiny_decoder_checkpoint import save_tiny_decoder
+    from teacher.checkpoint import load_teacher
+    from tests.tiny_teacher import tiny_decoder_for
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_folders["teacher"], teacher)
+    specs = [SystemSpec("teacher", steps=2, solver="euler"), SystemSpec("student", steps=2),
+             SystemSpec("student", steps=2, decoder="tiny")]
+    nets = MetricNetworks(fvd_reason="off (test)", lpips_reason="off (test)",
+                          clip_reason="off (test)")
+    folders = {"teacher": teacher, "student": tiny_folders["student"]}
+    config = _tiny_config(folders, tmp_path / "without", systems=specs, num_prompts=2)
+    report = evaluate_main(config, networks=nets)
+    assert [s["name"] for s in report["systems"]] == ["teacher-euler-2", "student-2step"]
+    assert [s["name"] for s in report["skipped"]] == ["student-2step-tiny"]
+    assert "wan-distill train-decoder" in report["skipped"][0]["reason"]
+    assert "wan-distill train-decoder" in capsys.readouterr().out
+
+    vae = load_teacher(teacher, experts=False).vae
+    save_tiny_decoder(teacher / "tiny_decoder", tiny_decoder_for(tiny_models(seed=9).vae))
+    report = evaluate_main(replace(config, out=str(tmp_path / "other")), networks=nets)
+    assert "retrain it" in report["skipped"][0]["reason"]
+
+    save_tiny_decoder(teacher / "tiny_decoder", tiny_decoder_for(vae))
+    report = evaluate_main(replace(config, out=str(tmp_path / "with")), networks=nets)
+    systems = {s["name"]: s for s in report["systems"]}
+    assert list(systems) == ["teacher-euler-2", "student-2step", "student-2step-tiny"]
+    assert report["skipped"] == []
+    assert systems["student-2step-tiny"]["decoder"] == "tiny"
+    assert systems["student-2step"]["decoder"] == "vae"
+    assert systems["student-2step-tiny"]["oracle"]["n"] == 2
+    with pytest.raises(ValueError, match="decoder='taehv'"):
+        check_config(replace(EvalConfig(), systems=[SystemSpec("student", decoder="taehv")]))
+    assert system_name(SystemSpec("teacher", decoder="tiny"), load_teacher(teacher, experts=False),
+                       None) == "teacher-unipc-3-tiny"

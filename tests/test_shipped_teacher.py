@@ -77,3 +77,24 @@ def test_fixed_prompts_show_every_captioned_factor(models):
     assert set(result["by_factor_value"]["shape"]) == {"circle", "square", "triangle"}
     assert result["overall"]["colour"] == 1.0
     assert result["overall"]["motion"] >= 0.8 and result["overall"]["joint"] >= 0.8, result["overall"]
+
+
+def test_shipped_tiny_decoder_loads_beside_this_vae_and_draws_the_encoded_clips(models):
+    """The tiny decoder in teacher/weights/shapes/tiny_decoder was trained for this VAE (its
+    fingerprint matches) and decodes encoded world clips into what they show."""
+    import numpy as np
+
+    from distill.data.shapes import video_to_tensor
+    from eval.oracle import accuracy
+    from eval.shapes_world import render, sample_spec
+    from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder
+    from teacher.pipeline import video_to_uint8
+
+    tiny = load_tiny_decoder(embedded_teacher_dir() / TINY_DECODER_FOLDER, models.vae)
+    specs = [sample_spec(np.random.default_rng([123, i])) for i in range(8)]
+    clips = torch.stack([video_to_tensor(render(s, 17)) for s in specs])
+    with torch.no_grad():
+        video = video_to_uint8(tiny.decode(models.vae.encode(clips)))
+    assert video.shape == (8, 17, 64, 64, 3)
+    result = accuracy(video.numpy(), specs)
+    assert result["colour"] == 1.0 and result["joint"] >= 6 / 8, result

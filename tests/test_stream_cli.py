@@ -11,7 +11,7 @@ from student.checkpoint import save_student
 from student.config import StudentConfig
 from student.live import parse_switch
 from teacher.video_io import read_video
-from tests.tiny_teacher import TINY, tiny_models, write_official
+from tests.tiny_teacher import TINY, tiny_decoder_for, tiny_models, write_official
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,26 @@ def test_serve_limits_guidance_to_the_students_trained_range(folders, monkeypatc
     limits = seen["limits"]
     assert (limits.min_guidance, limits.max_guidance) == (1.0, 5.0)
     assert callable(seen["factory"])
+
+
+def test_stream_with_the_tiny_decoder(folders, tmp_path, capsys):
+    """`stream --decoder tiny` reads <teacher-dir>/tiny_decoder and names the command that makes
+    it when it is missing; a folder trained for this VAE streams the same number of frames."""
+    from student.tiny_decoder_checkpoint import save_tiny_decoder
+    from teacher.checkpoint import load_teacher
+
+    student, teacher = folders
+    base = ["stream", "--student", str(student), "--teacher-dir", str(teacher), "--prompt",
+            "a red circle moving left", "--seconds", "2", "--device", "cpu", "--quiet"]
+    with pytest.raises(SystemExit, match="wan-distill train-decoder"):
+        main([*base, "--decoder", "tiny"])
+    vae = load_teacher(teacher, experts=False).vae
+    folder = save_tiny_decoder(tmp_path / "tiny", tiny_decoder_for(vae))
+    out = tmp_path / "tiny.mp4"
+    assert main([*base, "--decoder", str(folder), "--out", str(out)]) == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (17, 32, 32, 3)
+    # A decoder of another VAE is refused by name.
+    other = save_tiny_decoder(tmp_path / "other", tiny_decoder_for(tiny_models(seed=9).vae))
+    with pytest.raises(SystemExit, match="retrain it with `wan-distill train-decoder`"):
+        main([*base, "--decoder", str(other)])

@@ -7,11 +7,12 @@ quality claim.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from student.tiny_decoder import TinyDecoder, TinyDecoderConfig, vae_fingerprint
 from teacher.checkpoint import TeacherModels, save_teacher
 from teacher.config import DiTConfig, SamplingConfig, T5Config, TeacherConfig, VAEConfig
 from teacher.convert_dit import dit_official_to_diffusers
@@ -37,6 +38,17 @@ TINY = TeacherConfig(
     vae_checkpoint="vae.safetensors",
     tokenizer_dir="tokenizer",
 )
+
+
+# A tiny streaming decoder for TINY's VAE (16 channels, 8x in space, 4x in time).
+TINY_DECODER = TinyDecoderConfig(z_dim=16, channels=(8, 8, 4), blocks=(1, 1, 1),
+                                 time_growth=(False, True), head_frames=2, patch=2)
+
+
+def tiny_decoder_for(vae: WanVAE, seed: int = 0) -> TinyDecoder:
+    """A random ``TINY_DECODER`` carrying ``vae``'s fingerprint (loads beside that VAE)."""
+    torch.manual_seed(seed)
+    return TinyDecoder(replace(TINY_DECODER, vae_fingerprint=vae_fingerprint(vae))).eval()
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
