@@ -65,7 +65,7 @@ class DecoderTrainingSettings:
     num_clips: int = 1024
     val_clips: int = 200
     latent_noise: float = 0.3
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 1e-3
     foreground_weight: float = 4.0
