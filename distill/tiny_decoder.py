@@ -101,14 +101,16 @@ def render_and_decode(vae, num_clips: int, seed: int, stream: int, latent_noise:
 
     Clip i is ``sample_spec(default_rng([seed, stream, i]))``; its latent noise is drawn from
     ``torch.Generator().manual_seed(seed * 1_000_003 + stream)`` in clip order. Returns
-    ``latents`` float32 [N, z, n, h, w], ``target`` uint8 [N, T, H, W, 3] (the VAE decode) and
-    ``clip`` uint8 (the rendered clip the latents encode).
+    ``latents`` float32 [N, z, n, h, w], ``target`` uint8 [N, T, H, W, 3] (the VAE decode),
+    ``clip`` uint8 (the rendered clip the latents encode) and ``factors`` ([shape, colour,
+    motion] per clip).
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + stream)
-    latents, targets, clips = [], [], []
+    latents, targets, clips, factors = [], [], [], []
     for start in range(0, num_clips, batch_size):
         specs = [sample_spec(np.random.default_rng([seed, stream, i]))
                  for i in range(start, min(num_clips, start + batch_size))]
+        factors += [[s.shape, s.colour, s.motion] for s in specs]
         rendered = [render(s, num_frames) for s in specs]
         z = vae.encode(torch.stack([video_to_tensor(v) for v in rendered]))
         sigma = torch.rand(len(specs), generator=gen) * latent_noise
@@ -118,7 +120,8 @@ def render_and_decode(vae, num_clips: int, seed: int, stream: int, latent_noise:
         clips.append(torch.from_numpy(np.stack(rendered)))
         if progress is not None:
             progress(len(specs))
-    return {"latents": torch.cat(latents), "target": torch.cat(targets), "clip": torch.cat(clips)}
+    return {"latents": torch.cat(latents), "target": torch.cat(targets), "clip": torch.cat(clips),
+            "factors": factors}
 
 
 def uint8_to_video(frames: torch.Tensor) -> torch.Tensor:
@@ -253,9 +256,6 @@ def _load_or_build_data(work: Path, vae, settings: DecoderTrainingSettings, num_
         # Held-out clips without latent noise: the report measures the decoder on the world.
         val = render_and_decode(vae, settings.val_clips, settings.seed, _VAL_STREAM, 0.0,
                                 num_frames, progress=bar.update)
-    specs = [sample_spec(np.random.default_rng([settings.seed, _VAL_STREAM, i]))
-             for i in range(settings.val_clips)]
-    val["factors"] = [[s.shape, s.colour, s.motion] for s in specs]
     write_text_atomic(json.dumps({"val_factors": val["factors"]}), work / "data.json")
     save_safetensors_atomic({"train_latents": train["latents"], "train_target": train["target"],
                              "val_latents": val["latents"], "val_target": val["target"],
