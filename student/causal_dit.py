@@ -43,7 +43,7 @@ from student.attention_masks import (
     resolve_backend,
 )
 from student.config import StudentConfig
-from student.kv_cache import KVCache
+from student.kv_cache import KVCache, context_stamp, stamp_matches
 
 GUIDANCE_PREFIX = "guidance_embedding."
 GUIDANCE_KEYS = tuple(f"{GUIDANCE_PREFIX}{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
@@ -386,15 +386,16 @@ class CausalWanModel(WanModel):
         """Per-block cross-attention K/V of ``context``, computed once per prompt.
 
         Reused while the caller passes the same tensor object unchanged in place (identity and
-        the in-place version counter are compared; the cache holds a reference, so the identity
-        cannot be recycled).
+        ``context_stamp`` are compared; the cache holds a reference, so the identity cannot be
+        recycled).
         """
         self._check_context(context, cache.batch_size)
-        if cache.context is context and cache.context_version == context._version and cache.cross:
+        if (cache.context is context and cache.cross
+                and stamp_matches(cache.context_version, context)):
             return cache.cross
         text = self.embed_text(context)
         cache.cross = [block.cross_attn.project_kv(text) for block in self.blocks]
-        cache.context, cache.context_version = context, context._version
+        cache.context, cache.context_version = context, context_stamp(context)
         return cache.cross
 
     def _rotated_prefix(self, cache: KVCache) -> list[torch.Tensor] | None:

@@ -23,6 +23,20 @@ from dataclasses import dataclass, field
 import torch
 
 
+def context_stamp(context: torch.Tensor) -> int | torch.Tensor:
+    """What later tells whether ``context`` was changed in place: its version counter, or for an
+    inference tensor (``torch.inference_mode``), which has none, a copy of its values."""
+    if context.is_inference():
+        return context.clone()
+    return context._version
+
+
+def stamp_matches(stamp: int | torch.Tensor | None, context: torch.Tensor) -> bool:
+    if isinstance(stamp, torch.Tensor):
+        return context.is_inference() and torch.equal(stamp, context)
+    return not context.is_inference() and stamp == context._version
+
+
 @dataclass(eq=False)
 class LayerKV:
     """Self-attention K/V of the cached tokens of one block.
@@ -56,8 +70,9 @@ class KVCache:
         rotated: derived K rotated to the cache positions, one [B, N, heads, head_dim] tensor per
             block in the dtype of V, or None when stale.
         context / context_version / cross: the prompt the cross-attention K/V were computed for
-            (held by reference and compared by identity and in-place version) and those K/V, one
-            (k, v) pair of [B, text_len, heads, head_dim] per block.
+            (held by reference and compared by identity and ``context_stamp``: its in-place
+            version, or a copy of an inference tensor) and those K/V, one (k, v) pair of
+            [B, text_len, heads, head_dim] per block.
     """
 
     batch_size: int
@@ -73,7 +88,7 @@ class KVCache:
     grid_hw: tuple[int, int] | None = None
     rotated: list[torch.Tensor] | None = None
     context: torch.Tensor | None = None
-    context_version: int = -1
+    context_version: int | torch.Tensor | None = None
     cross: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -110,11 +125,13 @@ class KVCache:
         return None if self.window_chunks is None else self.sink_chunks + self.window_chunks
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (K, V, rotated K, latents, prompt K/V, indices)."""
+        """Bytes of every tensor the cache holds (K, V, rotated K, latents, prompt K/V and its copy,
+        indices)."""
         tensors: list[torch.Tensor] = [t for layer in self.layers for t in (layer.k, layer.v)]
         tensors += list(self.rotated or [])
         tensors += [t for pair in self.cross for t in pair]
-        tensors += [t for t in (self.latents, self.frame_index, self.chunk_t) if t is not None]
+        tensors += [t for t in (self.latents, self.frame_index, self.chunk_t, self.context_version)
+                    if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------------- updates
@@ -122,7 +139,7 @@ class KVCache:
         """Forget every chunk and the prompt (a new video); the geometry stays."""
         self.layers, self.latents, self.frame_index, self.chunk_t = [], None, None, None
         self.chunks_seen, self.grid_hw, self.rotated = 0, None, None
-        self.context, self.context_version, self.cross = None, -1, []
+        self.context, self.context_version, self.cross = None, None, []
 
     def extend(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], latents: torch.Tensor,
                t: torch.Tensor) -> None:

@@ -200,6 +200,30 @@ def test_cross_attention_kv_computed_once_per_prompt():
     assert cache.cross is not kv
 
 
+def test_streaming_runs_under_inference_mode_and_sees_in_place_prompt_changes():
+    """Inference tensors carry no version counter: the cross-attention K/V are still reused for
+    an unchanged prompt, recomputed after an in-place change, and the numbers equal no_grad's."""
+    model = student(chunk_frames=1)
+    x, ctx = inputs(frames=2)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model.append_chunk(x[:, :, :1], ctx, 3.0, cache)
+        want = model.forward_chunk(x[:, :, 1:], t, ctx, 3.0, cache)
+    with torch.inference_mode():
+        ctx_inf = ctx.clone()
+        cache = model.new_cache(2)
+        model.append_chunk(x[:, :, :1], ctx_inf, 3.0, cache)
+        kv = cache.cross
+        got = model.forward_chunk(x[:, :, 1:], t, ctx_inf, 3.0, cache)
+        assert cache.cross is kv
+        ctx_inf.mul_(2.0)
+        changed = model.forward_chunk(x[:, :, 1:], t, ctx_inf, 3.0, cache)
+        assert cache.cross is not kv
+    assert torch.equal(got, want)
+    assert (changed - want).abs().max() > 1e-4
+
+
 @torch.no_grad()
 def test_recache_equals_building_the_cache_with_the_new_prompt():
     model = student(chunk_frames=1)
