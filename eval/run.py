@@ -244,8 +244,9 @@ def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
         "decoded) is the first frame; the teacher decodes only at the end, so its whole video "
         "is its first frame.",
         "NFE: denoiser evaluations per video (teacher: whole-clip DiT passes, CFG counts two; "
-        "student: one chunk's passes, guidance is embedded so there is no CFG pass; KV-cache "
-        "appends are listed separately under forwards).",
+        "student: one chunk's passes, guidance is embedded so there is no CFG pass; a finished "
+        "chunk's KV-cache append rides in the next chunk's first pass of each network, counted "
+        "under forwards as kv_append but no pass of its own).",
         "Quality pass: every prompt once in every system, batched; prompt i uses noise seed "
         "noise_seed + i in every system (same initial noise), so videos pair across systems.",
     ]

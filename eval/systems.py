@@ -54,7 +54,8 @@ class SystemOutput:
     nfe: denoiser evaluations per video (CFG counts two).
     forwards: DiT forward passes per video by kind (e.g. {"denoise": 80} or
         {"denoise": 20, "kv_append": 4}); a student forward covers one chunk's tokens, a teacher
-        forward the whole clip's.
+        forward the whole clip's. A student's kv_append are chunks whose K/V were computed
+        inside a denoise pass (deferred appends), not passes of their own.
     """
 
     videos: torch.Tensor
@@ -269,7 +270,7 @@ class StudentSystem:
                               context, self.guidance, cache, generators,
                               self.config.num_train_timesteps)
             if c + 1 < self.num_chunks:
-                self.student.append_chunk(x0, context, self.guidance, cache)
+                self.student.append_chunk(x0, context, self.guidance, cache, defer=True)
             chunks.append(video_to_uint8(vae.decode_chunk(x0.to(vae_device), decode_cache)))
             if c == 0:
                 first_frame_seconds = watch.elapsed()

@@ -43,7 +43,7 @@ from student.attention_masks import (
     resolve_backend,
 )
 from student.config import StudentConfig
-from student.kv_cache import KVCache, context_stamp, stamp_matches
+from student.kv_cache import KVCache, PendingChunk, context_stamp, stamp_matches
 
 GUIDANCE_PREFIX = "guidance_embedding."
 GUIDANCE_KEYS = tuple(f"{GUIDANCE_PREFIX}{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
@@ -65,6 +65,14 @@ def is_student_fp32_island(name: str) -> bool:
 def _fp32_region(device: torch.device) -> AbstractContextManager:
     """Disable autocast: the conditioning path is fp32 by the official precision policy."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _with_prefix(prefix: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of an attention: a cached prefix (rotated K, V), if any, then ``k, v``."""
+    if prefix is None:
+        return k, v
+    return torch.cat([prefix[0], k.to(prefix[0].dtype)], 1), torch.cat([prefix[1], v], 1)
 
 
 class CausalWanModel(WanModel):
@@ -444,13 +452,9 @@ class CausalWanModel(WanModel):
         y = block.ffn(h)
         return (grouped(x, rows) + grouped(y, rows) * gate_f).flatten(1, 2), (k_raw, v)
 
-    def _run_against_cache(self, x_chunk, t, context, guidance, cache, want_kv: bool):
-        """Shared body of forward_chunk / append_chunk. Returns (velocity or None, new K/V)."""
-        grid_hw = self._check_chunk(x_chunk, cache, "x_chunk")
-        batch = x_chunk.shape[0]
-        t = self._check_t(t, batch, 1)
-        g = self._guidance(guidance, batch, x_chunk.device)
-        cross = self._cross_kv(context, cache)
+    def _run_against_cache(self, x_chunk, t, g, cross, cache, want_kv: bool):
+        """One chunk's pass against the cache (validated inputs: ``t`` [B, 1], ``g`` float64 [B]
+        or None, ``cross`` the prompt's per-block K/V). Returns (velocity or None, new K/V)."""
         tokens, grid = self.embed_video(x_chunk)
         e, e0 = self.conditioning(t, g)
         rope = self._rope(grid, cache.num_frames, x_chunk.device)
@@ -467,7 +471,112 @@ class CausalWanModel(WanModel):
             if want_kv:
                 new_kv.append(kv)
         velocity = None if want_kv else self.unpatchify(self.head(tokens, e), grid)
-        return velocity, new_kv, grid_hw, t
+        return velocity, new_kv
+
+    def _block_with_pending(self, block, x, e0, cross_kv, n, ropes, prefix_pre, prefix_post,
+                            is_last):
+        """``_block_kv`` over [pending | noisy] tokens (``n`` each): one pass, two attentions.
+
+        The pending rows attend as their own append pass would (to the cache as it is, at their
+        position in it); the noisy rows as the next ``forward_chunk`` would after that append
+        (to the cache once the pending chunk has joined it and the window policy has run).
+        Every other operation is per token and runs once over both. Returns (x, or only the
+        noisy rows in the last block, where the pending rows' output is never read; (k
+        un-rotated, v) of the pending rows).
+        """
+        rope_pending, rope_pending_post, rope_noisy = ropes
+        rows = e0.shape[1]
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = block.modulation_terms(e0)
+        h = (grouped(block.norm1(x).float(), rows) * (1 + scale_a) + shift_a).flatten(1, 2)
+        attn = block.self_attn
+        heads = (attn.num_heads, attn.head_dim)
+        q_raw = attn.norm_q(attn.q(h)).unflatten(-1, heads)
+        k_raw = attn.norm_k(attn.k(h)).unflatten(-1, heads)
+        v = attn.v(h).unflatten(-1, heads)
+        k_pending, v_pending = k_raw[:, :n], v[:, :n]
+        own_k = torch.cat([apply_rope(k_pending, *rope_pending_post),
+                           apply_rope(k_raw[:, n:], *rope_noisy)], 1)
+        y = attn.attend(apply_rope(q_raw[:, n:], *rope_noisy), *_with_prefix(prefix_post, own_k, v))
+        if is_last:
+            x, rows = x[:, n:], 1
+            gate_a, shift_f, scale_f, gate_f = (m[:, 1:] for m in (gate_a, shift_f, scale_f, gate_f))
+        else:
+            y_pending = attn.attend(
+                apply_rope(q_raw[:, :n], *rope_pending),
+                *_with_prefix(prefix_pre, apply_rope(k_pending, *rope_pending), v_pending))
+            y = torch.cat([y_pending, y], 1)
+        y = attn.o(y)
+        x = (grouped(x, rows) + grouped(y, rows) * gate_a).flatten(1, 2)
+        cross = block.cross_attn
+        q_text = cross.norm_q(cross.q(block.norm3(x))).unflatten(-1, heads)
+        x = x + cross.o(cross.attend(q_text, *cross_kv))
+        h = (grouped(block.norm2(x).float(), rows) * (1 + scale_f) + shift_f).flatten(1, 2)
+        y = block.ffn(h)
+        return (grouped(x, rows) + grouped(y, rows) * gate_f).flatten(1, 2), (k_pending, v_pending)
+
+    def _forward_with_pending(self, x_chunk, t, g, cross, cache):
+        """The velocity of ``x_chunk`` and the K/V of the cache's pending chunk in one pass,
+        then the pending chunk committed: what ``flush`` then ``forward_chunk`` compute, with
+        one pass of 2n tokens instead of two of n (this model's passes at streaming sizes cost
+        about the same for 16 or 32 tokens: the work is per operation, not per token)."""
+        pending = cache.pending
+        device = x_chunk.device
+        tokens_pending, grid = self.embed_video(pending.latents)
+        tokens_noisy, _ = self.embed_video(x_chunk)
+        n = tokens_pending.shape[1]
+        e, e0 = self.conditioning(torch.stack([pending.t, t[:, 0]], 1), g)
+        # Where the frames sit after the append: the pending chunk after the old chunks the
+        # window keeps, the noisy chunk after it (cache-relative RoPE, see student.kv_cache).
+        head, tail = cache.kept_by_next_append()
+        kept_frames = (head + tail) * self.chunk_frames
+        ropes = (self._rope(grid, cache.num_frames, device),
+                 self._rope(grid, kept_frames, device),
+                 self._rope(grid, kept_frames + self.chunk_frames, device))
+        rotated = self._rotated_prefix(cache)
+        prefix_pre = (None if rotated is None else
+                      [(k, layer.v) for k, layer in zip(rotated, cache.layers)])
+        if head + tail == cache.num_chunks:  # the append drops nothing
+            prefix_post = prefix_pre
+        elif kept_frames == 0:
+            prefix_post = None
+        else:
+            per_chunk = self.chunk_frames * cache.tokens_per_frame
+            cos, sin = self._rope((kept_frames, *cache.grid_hw), 0, device)
+
+            def kept(x: torch.Tensor) -> torch.Tensor:
+                return torch.cat([x[:, :head * per_chunk], x[:, x.shape[1] - tail * per_chunk:]], 1)
+
+            prefix_post = [(apply_rope(kept(layer.k), cos, sin).to(layer.v.dtype), kept(layer.v))
+                           for layer in cache.layers]
+        x = torch.cat([tokens_pending, tokens_noisy], 1)
+        pending_kv = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, kv = self._block_with_pending(
+                block, x, e0, cross[i], n, ropes,
+                prefix_pre[i] if prefix_pre else None, prefix_post[i] if prefix_post else None,
+                i == last)
+            pending_kv.append(kv)
+        velocity = self.unpatchify(self.head(x, e[:, 1:]), grid)
+        cache.pending = None
+        cache.extend(pending_kv, pending.latents, pending.t)
+        return velocity
+
+    def _check_stream_inputs(self, x_chunk, t, guidance, cache, name):
+        """Validated (t [B, 1], guidance float64 [B] or None, token grid) of a chunk call."""
+        grid_hw = self._check_chunk(x_chunk, cache, name)
+        batch = x_chunk.shape[0]
+        return (self._check_t(t, batch, 1), self._guidance(guidance, batch, x_chunk.device),
+                grid_hw)
+
+    def _can_fold(self, cache: KVCache, context: torch.Tensor, g: torch.Tensor | None) -> bool:
+        """Whether the pending chunk runs with this call's prompt and guidance (else it is
+        flushed first, with its own)."""
+        pending = cache.pending
+        same_guidance = (pending.guidance is None and g is None) or (
+            pending.guidance is not None and g is not None and torch.equal(pending.guidance, g))
+        return (same_guidance and cache.context is context and bool(cache.cross)
+                and stamp_matches(cache.context_version, context))
 
     def forward_chunk(self, x_chunk: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       guidance: torch.Tensor | float | None, cache: KVCache) -> torch.Tensor:
@@ -479,17 +588,26 @@ class CausalWanModel(WanModel):
             context: [B, L, text_dim]; its cross-attention K/V are cached in ``cache`` and
                 reused while the same tensor is passed.
             guidance: float [B], a scalar or None.
-            cache: the stream's ``KVCache`` (not modified, except the derived caches).
+            cache: the stream's ``KVCache``. Not modified, except the derived caches and a
+                pending chunk (``append_chunk(defer=True)``), whose K/V this pass computes
+                alongside and appends.
         Returns:
             velocity [B, out_dim, chunk_frames, H, W] float32. The chunk's RoPE frame positions
             start at ``cache.num_frames`` (cache-relative, bounded).
         """
-        velocity, _, _, _ = self._run_against_cache(x_chunk, t, context, guidance, cache, False)
+        t, g, _ = self._check_stream_inputs(x_chunk, t, guidance, cache, "x_chunk")
+        if cache.pending is not None:
+            self._check_context(context, cache.batch_size)
+            if self._can_fold(cache, context, g):
+                return self._forward_with_pending(x_chunk, t, g, cache.cross, cache)
+            self.flush(cache)
+        cross = self._cross_kv(context, cache)
+        velocity, _ = self._run_against_cache(x_chunk, t, g, cross, cache, False)
         return velocity
 
     def append_chunk(self, x0_chunk: torch.Tensor, context: torch.Tensor,
                      guidance: torch.Tensor | float | None, cache: KVCache, *,
-                     t: torch.Tensor | None = None) -> None:
+                     t: torch.Tensor | None = None, defer: bool = False) -> None:
         """Run a finished chunk and append its K/V (and latents) to ``cache``.
 
         Args:
@@ -497,12 +615,34 @@ class CausalWanModel(WanModel):
             context, guidance: as ``forward_chunk``.
             cache: updated in place; the sink + window policy is applied after the append.
             t: int64 [B] timestep to run the chunk at; default 0 (context noise 0, Self-Forcing).
+            defer: keep the chunk pending instead: the next ``forward_chunk`` computes its K/V in
+                its own pass (one pass saved per chunk; same numbers up to float rounding). Any
+                other use of the cache (``append_chunk``, ``recache``, ``flush``), or a
+                ``forward_chunk`` with another prompt tensor or guidance, first runs it on its
+                own with the prompt and guidance given here.
         """
         if t is None:
             t = torch.zeros(x0_chunk.shape[0], dtype=torch.int64, device=x0_chunk.device)
-        _, new_kv, grid_hw, t = self._run_against_cache(x0_chunk, t, context, guidance, cache, True)
+        self.flush(cache)
+        t, g, grid_hw = self._check_stream_inputs(x0_chunk, t, guidance, cache, "x0_chunk")
+        cross = self._cross_kv(context, cache)
         cache.grid_hw = grid_hw
+        if defer:
+            cache.pending = PendingChunk(x0_chunk.detach().float(), t[:, 0], g)
+            return
+        _, new_kv = self._run_against_cache(x0_chunk, t, g, cross, cache, True)
         cache.extend(new_kv, x0_chunk, t[:, 0])
+
+    def flush(self, cache: KVCache) -> None:
+        """Compute the K/V of a pending chunk (``append_chunk(defer=True)``) on their own and
+        append them, with the prompt and guidance it was appended with; nothing if none."""
+        pending = cache.pending
+        if pending is None:
+            return
+        cache.pending = None
+        _, new_kv = self._run_against_cache(pending.latents, pending.t[:, None], pending.guidance,
+                                            cache.cross, cache, True)
+        cache.extend(new_kv, pending.latents, pending.t)
 
     def recache(self, cache: KVCache, context: torch.Tensor,
                 guidance: torch.Tensor | float | None) -> None:
@@ -511,10 +651,12 @@ class CausalWanModel(WanModel):
 
         The cached clean latents run as one block-causal sequence (cached chunk c attends to
         cached chunks <= c) at their stored timesteps and cache-relative positions. The
-        cross-attention K/V of ``context`` replace the old prompt's.
+        cross-attention K/V of ``context`` replace the old prompt's. A pending chunk is first
+        appended with its own prompt (then recomputed with the others).
         """
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
+        self.flush(cache)
         cross = self._cross_kv(context, cache)
         if cache.num_frames == 0:
             return

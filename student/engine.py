@@ -12,7 +12,8 @@ Per chunk (``next_chunk``):
 2. on a new prompt or guidance with frames already cached: KV re-cache of the window from its
    clean latents (``CausalWanModel.recache``), so the video continues smoothly;
 3. few-step sampling of one latent chunk against the KV cache (``student.sampler``);
-4. append the chunk to the KV cache (sink + rolling window: memory stays flat forever);
+4. append the chunk to the KV cache (sink + rolling window: memory stays flat forever),
+   deferred: its K/V are computed within the next chunk's first step, one pass instead of two;
 5. decode the chunk ONCE through the VAE's streaming decoder with this session's decode cache
    (the first chunk after a start/reset gives 1 + 4(chunk_frames - 1) frames, later ones
    4 * chunk_frames); a prompt switch keeps the decode cache, so pixels stay continuous.
@@ -173,7 +174,7 @@ class StudentStreamEngine:
         guidance = self.guidance
         with clock("text_s"):
             context = self.encode_prompt(self._prompt)
-        if self._kv.num_chunks and (self._kv_prompt, self._kv_guidance) != (self._prompt, guidance):
+        if self._kv.holds_chunks and (self._kv_prompt, self._kv_guidance) != (self._prompt, guidance):
             with clock("recache_s"):
                 self.student.recache(self._kv, context, guidance)
             self._recaches += 1
@@ -183,7 +184,8 @@ class StudentStreamEngine:
             x0 = sample_chunk(self.student, noise, self.sigmas, context, guidance, self._kv,
                               [self._generator], self.config.num_train_timesteps)
         with clock("kv_append_s"):
-            self.student.append_chunk(x0, context, guidance, self._kv)
+            # Deferred: the next chunk's first step computes this chunk's K/V in its own pass.
+            self.student.append_chunk(x0, context, guidance, self._kv, defer=True)
         vae_device = _device_of(self.vae)
         with clock("decode_s"):
             video = self.vae.decode_chunk(x0.to(vae_device), self._decode)

@@ -50,6 +50,21 @@ class LayerKV:
 
 
 @dataclass(eq=False)
+class PendingChunk:
+    """A finished chunk appended with ``defer=True`` whose K/V are not computed yet.
+
+    latents: clean latents [B, C, chunk_frames, H, W] fp32.
+    t: int64 [B], the timestep it runs at.
+    guidance: float64 [B] or None, the guidance it runs with (its prompt is the cache's
+        ``context``, whose cross-attention K/V ``cross`` hold).
+    """
+
+    latents: torch.Tensor
+    t: torch.Tensor
+    guidance: torch.Tensor | None
+
+
+@dataclass(eq=False)
 class KVCache:
     """Streaming state of one batch of videos through a ``CausalWanModel``.
 
@@ -73,6 +88,8 @@ class KVCache:
             (held by reference and compared by identity and ``context_stamp``: its in-place
             version, or a copy of an inference tensor) and those K/V, one (k, v) pair of
             [B, text_len, heads, head_dim] per block.
+        pending: a chunk appended with ``defer=True``, not yet in ``layers`` nor counted by
+            ``num_frames``; the model computes its K/V within the next pass that reads the cache.
     """
 
     batch_size: int
@@ -90,6 +107,7 @@ class KVCache:
     context: torch.Tensor | None = None
     context_version: int | torch.Tensor | None = None
     cross: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pending: PendingChunk | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_frames < 1 or self.sink_chunks < 0:
@@ -116,6 +134,11 @@ class KVCache:
         return self.num_frames // self.chunk_frames
 
     @property
+    def holds_chunks(self) -> bool:
+        """Whether any chunk was appended since creation / ``clear``, pending or not."""
+        return self.num_frames > 0 or self.pending is not None
+
+    @property
     def tokens_per_frame(self) -> int:
         return 0 if self.grid_hw is None else self.grid_hw[0] * self.grid_hw[1]
 
@@ -132,6 +155,8 @@ class KVCache:
         tensors += [t for pair in self.cross for t in pair]
         tensors += [t for t in (self.latents, self.frame_index, self.chunk_t, self.context_version)
                     if isinstance(t, torch.Tensor)]
+        if self.pending is not None:
+            tensors += [self.pending.latents, self.pending.t]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------------- updates
@@ -140,6 +165,7 @@ class KVCache:
         self.layers, self.latents, self.frame_index, self.chunk_t = [], None, None, None
         self.chunks_seen, self.grid_hw, self.rotated = 0, None, None
         self.context, self.context_version, self.cross = None, None, []
+        self.pending = None
 
     def extend(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], latents: torch.Tensor,
                t: torch.Tensor) -> None:
@@ -171,6 +197,16 @@ class KVCache:
         self.chunks_seen += 1
         self.rotated = None
         self._drop_outside_window()
+
+    def kept_by_next_append(self) -> tuple[int, int]:
+        """(head, tail): the cached chunks that stay after one more ``extend`` are the first
+        ``head`` and the last ``tail`` (the policy of ``_drop_outside_window``, in advance: a
+        deferred chunk's pass needs the layout its K/V will join)."""
+        n = self.num_chunks
+        capacity = self.capacity_chunks
+        if capacity is None or n + 1 <= capacity:
+            return n, 0
+        return self.sink_chunks, self.window_chunks - 1
 
     def replace_kv(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Swap in recomputed K/V for the same cached frames (prompt switch)."""

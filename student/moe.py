@@ -72,6 +72,10 @@ class MoECache:
     def num_chunks(self) -> int:
         return self.low.num_chunks
 
+    @property
+    def holds_chunks(self) -> bool:
+        return self.low.holds_chunks
+
     def nbytes(self) -> int:
         return self.high.nbytes() + self.low.nbytes()
 
@@ -138,9 +142,16 @@ class MoEStudent(nn.Module):
                                      cache.high if network is self.high else cache.low)
 
     def append_chunk(self, x0_chunk: torch.Tensor, context: torch.Tensor, guidance,
-                     cache: MoECache, *, t: torch.Tensor | None = None) -> None:
-        self.high.append_chunk(x0_chunk, context, guidance, cache.high, t=t)
-        self.low.append_chunk(x0_chunk, context, guidance, cache.low, t=t)
+                     cache: MoECache, *, t: torch.Tensor | None = None,
+                     defer: bool = False) -> None:
+        # Deferred, each network computes the chunk's K/V in its own next step's pass: the
+        # high one in the next chunk's first step, the low one in its first low-noise step.
+        self.high.append_chunk(x0_chunk, context, guidance, cache.high, t=t, defer=defer)
+        self.low.append_chunk(x0_chunk, context, guidance, cache.low, t=t, defer=defer)
+
+    def flush(self, cache: MoECache) -> None:
+        self.high.flush(cache.high)
+        self.low.flush(cache.low)
 
     def recache(self, cache: MoECache, context: torch.Tensor, guidance) -> None:
         self.high.recache(cache.high, context, guidance)

@@ -9,7 +9,9 @@ shared/reference/distill-anchors.md §2.2)::
         if sigma_{i+1} > 0:
             x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * fresh_noise
 
-then the chunk's x0 is appended to the KV cache as clean context for the next chunk.
+then the chunk's x0 is appended to the KV cache as clean context for the next chunk (deferred:
+the next chunk's first step computes its K/V in the same pass, see
+``CausalWanModel.append_chunk``).
 
 Determinism: every sample of a batch draws its noise from its own ``torch.Generator`` on the CPU
 (then moves it to the model's device), so the same prompt and seed give the same video at any
@@ -34,7 +36,7 @@ class ChunkModel(Protocol):
 
     def forward_chunk(self, x_chunk, t, context, guidance, cache) -> torch.Tensor: ...
 
-    def append_chunk(self, x0_chunk, context, guidance, cache) -> None: ...
+    def append_chunk(self, x0_chunk, context, guidance, cache, *, defer=False) -> None: ...
 
 
 def student_sigmas(steps: int, shift: float) -> torch.Tensor:
@@ -146,5 +148,5 @@ def generate(
                           guidance, cache, generators, num_train_timesteps)
         chunks.append(x0)
         if start + chunk_frames < frames:  # the last chunk's K/V would never be read
-            model.append_chunk(x0, context, guidance, cache)
+            model.append_chunk(x0, context, guidance, cache, defer=True)
     return torch.cat(chunks, dim=2)

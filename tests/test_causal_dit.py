@@ -271,6 +271,93 @@ def test_rolling_window_keeps_cache_and_positions_bounded_over_50_chunks():
     assert cache.chunks_seen == 50
 
 
+# ----- deferred appends (the K/V of a finished chunk computed in the next chunk's pass) -------
+
+@pytest.mark.parametrize("chunk_frames, sink, window", [(1, 1, 2), (2, 0, 1), (1, 2, 3), (2, 1, None)])
+@torch.no_grad()
+def test_deferred_append_equals_append_pass_then_forward(chunk_frames, sink, window):
+    """Seven chunks: from the fourth on the window drops chunks at every append (but for the
+    unbounded case), so the pending chunk's own attention and the noisy chunk's see different
+    cache layouts and RoPE positions. The first step of a chunk folds the append; the second
+    reads the cache it committed."""
+    model = student(chunk_frames=chunk_frames, sink_chunks=sink, window_chunks=window)
+    g = torch.Generator().manual_seed(7)
+    ctx = torch.randn(2, 5, 16, generator=g)
+    guidance = torch.tensor([3.0, 1.5])
+    eager, deferred = model.new_cache(2), model.new_cache(2)
+    for c in range(7):
+        x = torch.randn(2, 4, chunk_frames, 4, 6, generator=g)
+        for t in ([900, 900], [600, 400]):
+            t = torch.tensor(t)
+            want = model.forward_chunk(x, t, ctx, guidance, eager)
+            got = model.forward_chunk(x, t, ctx, guidance, deferred)
+            assert deferred.pending is None
+            assert rel_err(got, want) < TOL, (c, t)
+        x0 = torch.randn(2, 4, chunk_frames, 4, 6, generator=g)
+        model.append_chunk(x0, ctx, guidance, eager)
+        model.append_chunk(x0, ctx, guidance, deferred, defer=True)
+        assert deferred.pending is not None and deferred.holds_chunks
+        assert deferred.num_chunks == eager.num_chunks - 1 or window is not None
+    model.flush(deferred)
+    assert deferred.frame_index.tolist() == eager.frame_index.tolist()
+    assert torch.equal(deferred.chunk_t, eager.chunk_t)
+    for got, want in zip(deferred.layers, eager.layers):
+        assert rel_err(got.k, want.k) < TOL and rel_err(got.v, want.v) < TOL
+
+
+@torch.no_grad()
+def test_deferred_chunk_keeps_the_prompt_and_guidance_it_was_appended_with():
+    """A forward_chunk with another prompt tensor or guidance, an in-place change of the
+    prompt, a recache or a second append first run the pending chunk on its own, with what it
+    was appended with: the numbers stay those of eager appends."""
+    model = student(chunk_frames=1)
+    x, ctx_a = inputs(frames=6, seed=1)
+    _, ctx_b = inputs(frames=6, seed=2)
+    eager, deferred = model.new_cache(2), model.new_cache(2)
+    t = torch.tensor([700, 700])
+
+    def append(c, ctx, guidance):
+        model.append_chunk(x[:, :, c:c + 1], ctx, guidance, eager)
+        model.append_chunk(x[:, :, c:c + 1], ctx, guidance, deferred, defer=True)
+
+    def same_velocity(c, ctx, guidance):
+        want = model.forward_chunk(x[:, :, c:c + 1], t, ctx, guidance, eager)
+        got = model.forward_chunk(x[:, :, c:c + 1], t, ctx, guidance, deferred)
+        assert deferred.pending is None
+        assert rel_err(got, want) < TOL
+
+    append(0, ctx_a, 3.0)
+    same_velocity(1, ctx_b, 3.0)  # another prompt tensor
+    append(1, ctx_b, 3.0)
+    same_velocity(2, ctx_b, 2.0)  # another guidance
+    ctx_c = ctx_b.clone()
+    append(2, ctx_c, 2.0)
+    ctx_c.mul_(2.0)  # changed in place after the append: the chunk keeps the old values
+    same_velocity(3, ctx_c, 2.0)
+    append(3, ctx_a, 2.0)
+    append(4, ctx_a, 2.0)  # a second append runs the first
+    assert deferred.num_chunks == 4 and deferred.pending is not None
+    model.recache(eager, ctx_b, 1.5)
+    model.recache(deferred, ctx_b, 1.5)
+    assert deferred.pending is None and deferred.num_chunks == 5
+    for got, want in zip(deferred.layers, eager.layers):
+        assert rel_err(got.k, want.k) < TOL and rel_err(got.v, want.v) < TOL
+    same_velocity(5, ctx_b, 1.5)
+
+
+@torch.no_grad()
+def test_deferred_append_checks_its_chunk_at_once():
+    model = student(chunk_frames=2)
+    cache = model.new_cache(2)
+    x, ctx = inputs(frames=4)
+    with pytest.raises(ValueError, match="has 4 latent frames; one chunk is chunk_frames=2"):
+        model.append_chunk(x, ctx, 3.0, cache, defer=True)
+    assert cache.pending is None
+    model.append_chunk(x[:, :, :2], ctx, 3.0, cache, defer=True)
+    with pytest.raises(ValueError, match=r"\(1, 1\) token grid per frame but the cached frames \(2, 3\)"):
+        model.forward_chunk(x[:, :, 2:, :2, :2], torch.tensor([500, 500]), ctx, 3.0, cache)
+
+
 # ----- loading and checkpoints -------------------------------------------------------------
 
 def test_expert_state_dict_loads_strictly_with_only_guidance_keys_new():

@@ -99,6 +99,8 @@ def test_each_latent_chunk_is_decoded_once_and_equals_a_whole_clip_decode(parts)
     eng = engine(parts, 1)  # window sink 1 + 2: 3 chunks are all still cached
     eng.start("a blue square", seed=3)
     frames = np.concatenate([c.frames for c in run(eng, 3)])
+    with torch.no_grad():
+        eng.student.flush(eng.kv_cache)  # the last chunk's append waits for a next chunk
     latents = eng.kv_cache.latents
     assert eng.stats()["latent_frames_decoded"] == 3  # three latent frames went through the decoder, once each
     with torch.no_grad():
@@ -221,6 +223,8 @@ def test_memory_stays_flat_over_200_chunks(parts):
         assert eng.kv_cache.num_frames <= 3  # the next chunk's RoPE start: bounded
     assert total == 1 + 4 * 199
     assert all(s == sizes[3] for s in sizes[3:])  # constant once the window is full
+    with torch.no_grad():
+        eng.student.flush(eng.kv_cache)  # the last chunk's append waits for a next chunk
     assert eng.kv_cache.frame_index.tolist() == [0, 198, 199]  # sink + rolling window
     stats = eng.stats()
     assert stats["chunks"] == 200 and stats["frames"] == total
@@ -271,12 +275,14 @@ def test_two_network_student_streams_and_recaches_both_caches(parts):
         eng.set_prompt("a white square")
         return eng, chunks + run(eng, after_switch)
 
-    # Two copies of one network stream exactly what that network streams alone, prompt switch
-    # included: the steps are routed and both caches appended and re-cached alike.
+    # Two copies of one network stream what that network streams alone, prompt switch
+    # included: the steps are routed and both caches appended and re-cached alike. Up to float
+    # rounding, one uint8 level: the low network computes a chunk's deferred K/V in its first
+    # step (the third), the single network in the first, so their passes differ in length.
     eng, moe_chunks = frames(moe, moe_config)
     _, single_chunks = frames(model, config)
     for a, b in zip(moe_chunks, single_chunks):
-        np.testing.assert_array_equal(a.frames, b.frames)
+        assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
     assert isinstance(eng.kv_cache, MoECache) and eng.stats()["recaches"] == 1
     assert eng.cache_bytes()["kv"] == eng.kv_cache.high.nbytes() + eng.kv_cache.low.nbytes()
     # With different networks each cache holds its own network's K/V of the new prompt (the
