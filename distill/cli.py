@@ -121,6 +121,7 @@ def _engine_factory(args: argparse.Namespace):
 
 def cmd_stream(args: argparse.Namespace) -> int:
     from student.live import parse_switch, run_stream
+    from teacher.vae import WanVAE
 
     try:
         switches = [parse_switch(s) for s in args.switch]
@@ -146,9 +147,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if not args.quiet:
         print()
     where = f"wrote {summary.out}: " if summary.out else ""
+    decoder = "the VAE" if isinstance(engine.vae, WanVAE) else "the tiny decoder"
     print(f"{where}{summary.frames} frames ({summary.seconds_of_video:.2f} s at {engine.fps} fps) "
           f"in {summary.wall_s:.2f} s: time to first frame {summary.time_to_first_frame_s * 1000:.0f} ms, "
-          f"{summary.fps:.1f} fps generated, {len(summary.prompt_switches)} prompt switch(es)")
+          f"{summary.fps:.1f} fps generated, {len(summary.prompt_switches)} prompt switch(es), "
+          f"decoded by {decoder}")
     return 0
 
 
@@ -243,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=parse_size, default=None, help="WIDTH*HEIGHT")
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
-        p.add_argument("--decoder", default="vae", help="vae (the teacher's VAE), tiny (the "
-                       "tiny streaming decoder in <teacher-dir>/tiny_decoder, made by "
-                       "`wan-distill train-decoder`), or a tiny decoder folder")
+        p.add_argument("--decoder", default="auto", help="auto (default: the tiny decoder "
+                       "when <teacher-dir>/tiny_decoder holds one for its VAE, else the VAE), "
+                       "vae (the teacher's VAE), tiny (the tiny streaming decoder in "
+                       "<teacher-dir>/tiny_decoder, made by `wan-distill train-decoder`), or a "
+                       "tiny decoder folder")
 
     st = sub.add_parser("stream", help="stream video from the student, switching prompts live")
     st.add_argument("--prompt", required=True)

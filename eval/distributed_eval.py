@@ -89,11 +89,15 @@ class SystemSpec:
 
 DEFAULT_SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("teacher"),  # the teacher's default sampler: UniPC, 40 steps, per-expert CFG
+    SystemSpec("teacher", steps=4),  # its own sampler at 4 steps: the student's 4-step baseline
     SystemSpec("teacher", steps=4, solver="euler"),
     SystemSpec("teacher", steps=8, solver="euler"),
     SystemSpec("student", steps=1),
     SystemSpec("student", steps=2),
     SystemSpec("student", steps=4),
+    # What `stream` and `serve` run by default where the teacher ships a tiny decoder (skipped,
+    # with the reason, where it does not).
+    SystemSpec("student", steps=4, decoder="tiny"),
 )
 
 

@@ -32,8 +32,7 @@ import torch  # noqa: E402
 from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 
 from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
-from student.tiny_decoder import TinyDecoder  # noqa: E402
-from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
+from student.tiny_decoder_checkpoint import find_tiny_decoder  # noqa: E402
 from eval.clip_score import load_clip_score  # noqa: E402
 from eval.distributed_eval import (  # noqa: E402
     WORLDS,
@@ -181,16 +180,6 @@ def load_student_if_present(folder: Path | None, dtype: torch.dtype):
     return student, student_config, None
 
 
-def load_tiny_decoder_if_present(teacher_dir: Path, vae) -> tuple[TinyDecoder | None, str | None]:
-    """(decoder, None) or (None, reason) when ``<teacher_dir>/tiny_decoder`` is missing or was
-    trained for another VAE."""
-    folder = teacher_dir / TINY_DECODER_FOLDER
-    try:
-        return load_tiny_decoder(folder, vae), None
-    except (FileNotFoundError, ValueError) as err:
-        return None, str(err)
-
-
 def load_metric_networks(config: EvalConfig) -> MetricNetworks:
     """Load I3D, LPIPS and CLIP from local files on the CPU; each missing one becomes a reason."""
     nets = MetricNetworks()
@@ -320,7 +309,7 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
             notes.append(f"Student systems were not evaluated: {reason}.")
     tiny_decoder = None
     if any(s.decoder == "tiny" for s in specs):
-        tiny_decoder, reason = load_tiny_decoder_if_present(teacher_dir, teacher.vae)
+        tiny_decoder, reason = find_tiny_decoder(teacher_dir, teacher.vae)
         if reason is not None:
             for s in specs:
                 if s.decoder == "tiny":

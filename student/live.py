@@ -19,7 +19,7 @@ import torch
 from student.checkpoint import load_student
 from student.engine import StudentStreamEngine
 from student.server.recording import Mp4Recorder
-from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder
+from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, find_tiny_decoder, load_tiny_decoder
 from teacher.checkpoint import load_teacher
 
 
@@ -27,12 +27,14 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         steps: int | None = None, width: int | None = None,
                         height: int | None = None,
-                        decoder: str = "vae") -> Callable[[], StudentStreamEngine]:
+                        decoder: str = "auto") -> Callable[[], StudentStreamEngine]:
     """A factory of engines over one loaded student + teacher parts (shared, read-only).
 
     Frame size and fps default to the teacher's sampling defaults (64x64 at 8 fps for the shapes
-    world; pass width/height for a real-size student). ``decoder``: "vae" (the teacher's),
-    "tiny" (``<teacher_dir>/tiny_decoder``) or the folder of a tiny decoder trained for that VAE.
+    world; pass width/height for a real-size student). ``decoder``: "auto" (the tiny decoder in
+    ``<teacher_dir>/tiny_decoder`` when it was trained for this teacher's VAE, else the VAE),
+    "vae" (the teacher's), "tiny" (``<teacher_dir>/tiny_decoder``, or fail saying how to make
+    it) or the folder of a tiny decoder trained for that VAE.
     """
     for name, path in (("student", student_dir), ("teacher", teacher_dir)):
         if not Path(path).is_dir():
@@ -45,7 +47,11 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
     parts.text_encoder.to(device)
     parts.vae.to(device)
     frames_decoder = parts.vae
-    if decoder != "vae":
+    if decoder == "auto":
+        # The shapes teacher ships one (as good as the VAE on 1,400 prompts, 2x faster per
+        # clip: BENCHMARKS.md, sessions 16-17); a real-size teacher has none, so it keeps its VAE.
+        frames_decoder = find_tiny_decoder(teacher_dir, parts.vae, device=device)[0] or parts.vae
+    elif decoder != "vae":
         folder = Path(teacher_dir) / TINY_DECODER_FOLDER if decoder == "tiny" else Path(decoder)
         frames_decoder = load_tiny_decoder(folder, parts.vae, device=device)
     s = parts.config.sampling

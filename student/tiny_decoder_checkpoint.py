@@ -65,3 +65,14 @@ def load_tiny_decoder(folder: str | Path, vae: nn.Module | None = None, *,
     decoder = TinyDecoder(config)
     decoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return decoder.to(device).eval().requires_grad_(False)
+
+
+def find_tiny_decoder(teacher_dir: str | Path, vae: nn.Module, *,
+                      device: torch.device | str = "cpu") -> tuple[TinyDecoder | None, str | None]:
+    """(the decoder in ``<teacher_dir>/tiny_decoder``, None), or (None, the reason) when the
+    folder is missing or holds a decoder trained for another VAE (for callers that fall back to
+    the VAE or skip, rather than fail)."""
+    try:
+        return load_tiny_decoder(Path(teacher_dir) / TINY_DECODER_FOLDER, vae, device=device), None
+    except (FileNotFoundError, ValueError) as err:
+        return None, str(err)

@@ -42,7 +42,8 @@ from student.checkpoint import save_student, student_from_expert_state_dict
 from student.config import SHAPES_STUDENT, StudentConfig
 from teacher.checkpoint import save_teacher
 from teacher.pipeline import initial_noise
-from tests.tiny_teacher import TINY, tiny_models
+from student.tiny_decoder_checkpoint import save_tiny_decoder
+from tests.tiny_teacher import TINY, tiny_decoder_for, tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,6 +76,8 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     models = tiny_models(TINY_9)
     save_teacher(root / "teacher", models)
+    # The default systems include the student with the tiny decoder.
+    save_tiny_decoder(root / "teacher" / "tiny_decoder", tiny_decoder_for(models.vae))
     config = _tiny_student_config()
     student = student_from_expert_state_dict(config, models.expert_low.state_dict(),
                                              trainable=False)
@@ -420,12 +423,12 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
     report = evaluate_main(config, networks=nets)
     assert threads_while_timing == [2] and torch.get_num_threads() == 1
     stdout = capsys.readouterr().out
-    assert "eval (shapes, N=4, 6 systems" in stdout and str(out / "report.md") in stdout
+    assert "eval (shapes, N=4, 8 systems" in stdout and str(out / "report.md") in stdout
 
     on_disk = json.loads((out / "report.json").read_text(encoding="utf-8"))
     names = [s["name"] for s in on_disk["systems"]]
-    assert names == ["teacher-unipc-3", "teacher-euler-4", "teacher-euler-8", "student-1step",
-                     "student-2step", "student-4step"]
+    assert names == ["teacher-unipc-3", "teacher-unipc-4", "teacher-euler-4", "teacher-euler-8",
+                     "student-1step", "student-2step", "student-4step", "student-4step-tiny"]
     assert on_disk["reference"] == "teacher-unipc-3" and on_disk["skipped"] == []
     for s in on_disk["systems"]:
         assert SYSTEM_FIELDS <= set(s), s["name"]
@@ -440,7 +443,8 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
         assert 0 <= low <= s["oracle"]["joint"] <= high <= 1
         if s["kind"] == "student":
             versus = s["oracle"]["versus"]
-            assert list(versus) == ["teacher-unipc-3", "teacher-euler-4", "teacher-euler-8"]
+            assert list(versus) == ["teacher-unipc-3", "teacher-unipc-4", "teacher-euler-4",
+                                    "teacher-euler-8"]
             assert all(c["n"] == 4 and c["only_a"] + c["only_b"] <= 4 for c in versus.values())
         else:
             assert "versus" not in s["oracle"]
@@ -465,19 +469,19 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
     assert report["systems"][0]["nfe"] == on_disk["systems"][0]["nfe"]
 
     markdown = (out / "report.md").read_text(encoding="utf-8")
-    assert markdown.count("random-test network") == 6  # the FVD cells
+    assert markdown.count("random-test network") == 8  # the FVD cells
     # The random-feature distance is never printed as FVD: its column names the network instead,
     # and the value appears nowhere (4 decimals: the table prints at most 3, so a latency such
     # as 1.010 cannot be mistaken for it).
     lines = markdown.splitlines()
     top = lines.index(next(line for line in lines if line.startswith("| System | Steps")))
-    table = [line.split(" | ") for line in lines[top:top + 8]]  # header, rule, 6 systems
+    table = [line.split(" | ") for line in lines[top:top + 10]]  # header, rule, 8 systems
     fvd_column = table[0].index("FVD [95% CI]")
-    assert [row[fvd_column] for row in table[2:]] == ["random-test network"] * 6
+    assert [row[fvd_column] for row in table[2:]] == ["random-test network"] * 8
     for s in on_disk["systems"]:
         assert f"{s['fvd']['value']:.4f}" not in markdown.split("## Protocol")[0]
     assert "unavailable: no CLIP folder (test)" in markdown
-    assert markdown.count("| student-4step | teacher-") == 3
+    assert markdown.count("| student-4step | teacher-") == 4
     assert "on a CPU at 2 torch thread(s)" in markdown
 
     png = (out / "quality_vs_latency.png").read_bytes()
@@ -496,9 +500,9 @@ def test_missing_student_still_evaluates_the_teacher(tiny_folders, tmp_path, cap
     report = evaluate_main(config, networks=nets)
     stdout = capsys.readouterr().out
     assert "student not found" in stdout and "wan-distill distill" in stdout
-    assert [s["kind"] for s in report["systems"]] == ["teacher"] * 3
+    assert [s["kind"] for s in report["systems"]] == ["teacher"] * 4
     assert [s["name"] for s in report["skipped"]] == ["student-1step", "student-2step",
-                                                      "student-4step"]
+                                                      "student-4step", "student-4step-tiny"]
     assert all("wan-distill distill" in s["reason"] for s in report["skipped"])
     assert any("wan-distill distill" in note for note in report["notes"])
     for s in report["systems"]:
@@ -523,12 +527,11 @@ def test_tiny_decoder_systems_run_beside_the_vae_ones_and_are_skipped_without_it
     another VAE) those systems are skipped with the command that makes it, the rest still run."""
     import shutil
 
-    from student.tiny_decoder_checkpoint import save_tiny_decoder
     from teacher.checkpoint import load_teacher
-    from tests.tiny_teacher import tiny_decoder_for
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_folders["teacher"], teacher)
+    shutil.rmtree(teacher / "tiny_decoder")
     specs = [SystemSpec("teacher", steps=2, solver="euler"), SystemSpec("student", steps=2),
              SystemSpec("student", steps=2, decoder="tiny")]
     nets = MetricNetworks(fvd_reason="off (test)", lpips_reason="off (test)",

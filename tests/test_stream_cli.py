@@ -39,6 +39,7 @@ def test_stream_writes_while_generating_and_switches(folders, tmp_path, capsys):
     assert timeline[1]["frame"] == 9  # the first chunk boundary at or after 1 s (frame 8)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"wrote {out}: 17 frames") and "1 prompt switch(es)" in line
+    assert line.endswith("decoded by the VAE")  # this teacher folder has no tiny decoder
 
 
 def test_stream_errors_name_the_fix(folders, tmp_path):
@@ -101,3 +102,31 @@ def test_stream_with_the_tiny_decoder(folders, tmp_path, capsys):
     other = save_tiny_decoder(tmp_path / "other", tiny_decoder_for(tiny_models(seed=9).vae))
     with pytest.raises(SystemExit, match="retrain it with `wan-distill train-decoder`"):
         main([*base, "--decoder", str(other)])
+
+
+def test_stream_decoder_auto_takes_the_teachers_tiny_decoder_when_it_fits(folders, tmp_path,
+                                                                          capsys):
+    """The default decoder: the tiny one in <teacher-dir>/tiny_decoder when it was trained for
+    that teacher's VAE, else the VAE (a stale one is passed over, not an error)."""
+    import shutil
+
+    from student.tiny_decoder_checkpoint import save_tiny_decoder
+    from teacher.checkpoint import load_teacher
+
+    student, teacher = folders
+    own = tmp_path / "teacher"
+    shutil.copytree(teacher, own)
+    base = ["stream", "--student", str(student), "--teacher-dir", str(own), "--prompt",
+            "a red circle moving left", "--seconds", "1", "--device", "cpu", "--quiet"]
+
+    def decoded_by() -> str:
+        assert main(base) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1].rsplit("decoded by ", 1)[1]
+
+    save_tiny_decoder(own / "tiny_decoder", tiny_decoder_for(tiny_models(seed=9).vae))
+    assert decoded_by() == "the VAE"  # trained for another VAE
+    save_tiny_decoder(own / "tiny_decoder", tiny_decoder_for(load_teacher(own, experts=False).vae))
+    assert decoded_by() == "the tiny decoder"
+    assert main([*base, "--decoder", "vae"]) == 0
+    assert capsys.readouterr().out.strip().endswith("decoded by the VAE")
+
