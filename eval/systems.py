@@ -254,8 +254,8 @@ class StudentSystem:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> SystemOutput:
         _check_batch(prompts, seeds)
         device = _device_of(self.student)
-        vae = self.decoder
-        vae_device = _device_of(vae)
+        decoder = self.decoder
+        decoder_device = _device_of(decoder)
         batch, cf = len(prompts), self.config.chunk_frames
         watch = Stopwatch(device).start()
         context = encode_prompts(self.parts, list(prompts), device)
@@ -263,7 +263,7 @@ class StudentSystem:
         noise = noise.to(device)
         cache = self.student.new_cache(batch, device, sink_chunks=self.config.sink_chunks,
                                        window_chunks=self.config.window_chunks)
-        decode_cache = vae.new_decode_cache()
+        decode_cache = decoder.new_decode_cache()
         chunks, first_frame_seconds = [], 0.0
         for c in range(self.num_chunks):
             x0 = sample_chunk(self.student, noise[:, :, c * cf:(c + 1) * cf], self.sigmas,
@@ -271,7 +271,7 @@ class StudentSystem:
                               self.config.num_train_timesteps)
             if c + 1 < self.num_chunks:
                 self.student.append_chunk(x0, context, self.guidance, cache, defer=True)
-            chunks.append(video_to_uint8(vae.decode_chunk(x0.to(vae_device), decode_cache)))
+            chunks.append(video_to_uint8(decoder.decode_chunk(x0.to(decoder_device), decode_cache)))
             if c == 0:
                 first_frame_seconds = watch.elapsed()
         seconds = watch.elapsed()
