@@ -298,8 +298,17 @@ def test_rope_matches_complex_polar_per_axis(head_dim):
     out = apply_rope(x, cos, sin)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected.float(), rtol=0, atol=1e-6)
+    # The pair formula in real arithmetic, on a non-contiguous slice of the tokens.
+    x0, x1 = x.double()[:, 1::2, :, 0::2], x.double()[:, 1::2, :, 1::2]
+    c, s = cos[1::2, None], sin[1::2, None]
+    pairs = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).float()
+    torch.testing.assert_close(apply_rope(x[:, 1::2], cos[1::2], sin[1::2]), pairs, rtol=0,
+                               atol=1e-6)
     # bf16 input: still rotated in float64, returned fp32.
     assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.float32
+    # Tables rounded to a half dtype are refused, not used.
+    with pytest.raises(TypeError, match="torch.bfloat16/torch.bfloat16, not float64"):
+        apply_rope(x, cos.bfloat16(), sin.bfloat16())
 
 
 def test_rope_frame_start_shifts_frame_positions_only():

@@ -8,10 +8,14 @@ Measures, in one run:
    page's painted-FPS and time-to-first-frame), when chromium and playwright are installed;
 3. memory over a long stream: process RSS and the engine's cache bytes after 10,000 frames.
 
-Speed does not depend on the weights' values, so a randomly initialised student of the shapes
-preset (and random shapes text encoder and VAE) costs exactly what the trained one costs.
+By default it serves what `wan-distill serve` serves: the shipped student (two networks, made
+by `wan-distill distill`) with the embedded teacher's text encoder and the decoder that
+`--decoder` picks (auto: the tiny decoder). ``--random`` serves a randomly initialised
+one-network student of the shapes preset with random text encoder and VAE instead (speed does
+not depend on the weights' values; the rows before session 17 were measured that way).
 
     python tests/benchmarks/bench_streaming.py [--seconds 20] [--frames 10000] [--threads 1]
+    python tests/benchmarks/bench_streaming.py --random --parts server
 """
 
 from __future__ import annotations
@@ -157,10 +161,21 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--parts", nargs="+", default=["server", "browser", "memory"],
                     choices=["server", "browser", "memory"])
+    ap.add_argument("--random", action="store_true",
+                    help="a random one-network student and random teacher parts, not the shipped")
+    ap.add_argument("--decoder", default="auto", help="as `serve --decoder` (shipped student)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    factory = random_factory()
-    print(f"shapes student (random weights), 64x64 at 8 fps, chunk 1 latent frame (4 frames), "
+    if args.random:
+        factory, what = random_factory(), "random weights, VAE"
+    else:
+        from student.live import load_engine_factory
+        from student.paths import default_student_dir, embedded_teacher_dir
+
+        factory = load_engine_factory(default_student_dir("shapes"), embedded_teacher_dir(),
+                                      decoder=args.decoder)
+        what = f"shipped, decoded by {type(factory().vae).__name__}"
+    print(f"shapes student ({what}), 64x64 at 8 fps, chunk 1 latent frame (4 frames), "
           f"{student_preset('shapes').steps} steps, CPU threads {args.threads}, load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for n in args.sessions if "server" in args.parts else ():
