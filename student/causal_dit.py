@@ -75,6 +75,39 @@ def _with_prefix(prefix: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tens
     return torch.cat([prefix[0], k.to(prefix[0].dtype)], 1), torch.cat([prefix[1], v], 1)
 
 
+def _block_start(block, x: torch.Tensor, e0: torch.Tensor):
+    """A ``WanAttentionBlock`` up to its self-attention K/V, in the teacher block's order.
+
+    Returns (h: the modulated, normed input [B, L, dim]; the remaining modulation terms
+    (gate_attn, shift_ffn, scale_ffn, gate_ffn) for ``_after_self_attention``; K after
+    ``norm_k``, not rotated; V), K and V [B, L, heads, head_dim].
+    """
+    rows = e0.shape[1]
+    shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = block.modulation_terms(e0)
+    h = (grouped(block.norm1(x).float(), rows) * (1 + scale_a) + shift_a).flatten(1, 2)
+    attn = block.self_attn
+    heads = (attn.num_heads, attn.head_dim)
+    k = attn.norm_k(attn.k(h)).unflatten(-1, heads)
+    return h, (gate_a, shift_f, scale_f, gate_f), k, attn.v(h).unflatten(-1, heads)
+
+
+def _after_self_attention(block, x: torch.Tensor, attention: torch.Tensor, cross_kv,
+                          terms: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The rest of a ``WanAttentionBlock`` once its self-attention output [B, L, dim] is known:
+    output projection and gate, cross-attention against the prompt's cached K/V, modulated FFN
+    and gate, in the teacher block's order. ``terms``: (gate_attn, shift_ffn, scale_ffn,
+    gate_ffn), one row per group of tokens (see ``teacher.dit.grouped``)."""
+    gate_a, shift_f, scale_f, gate_f = terms
+    rows = gate_a.shape[1]
+    x = (grouped(x, rows) + grouped(block.self_attn.o(attention), rows) * gate_a).flatten(1, 2)
+    cross = block.cross_attn
+    heads = (cross.num_heads, cross.head_dim)
+    q_text = cross.norm_q(cross.q(block.norm3(x))).unflatten(-1, heads)
+    x = x + cross.o(cross.attend(q_text, *cross_kv))
+    h = (grouped(block.norm2(x).float(), rows) * (1 + scale_f) + shift_f).flatten(1, 2)
+    return (grouped(x, rows) + grouped(block.ffn(h), rows) * gate_f).flatten(1, 2)
+
+
 class CausalWanModel(WanModel):
     """Block-causal WanModel over chunks of ``chunk_frames`` latent frames (see module doc).
 
@@ -427,30 +460,20 @@ class CausalWanModel(WanModel):
         tokens (``prefix_k`` rotated, ``prefix_v``) prepended to the keys. Returns (x or None,
         (k un-rotated, v)) of this block's tokens.
         """
-        rows = e0.shape[1]
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = block.modulation_terms(e0)
-        h = (grouped(block.norm1(x).float(), rows) * (1 + scale_a) + shift_a).flatten(1, 2)
-        attn = block.self_attn
-        heads = (attn.num_heads, attn.head_dim)
-        k_raw = attn.norm_k(attn.k(h)).unflatten(-1, heads)
-        v = attn.v(h).unflatten(-1, heads)
+        h, terms, k_raw, v = _block_start(block, x, e0)
         if not need_output:
             return None, (k_raw, v)
-        q = apply_rope(attn.norm_q(attn.q(h)).unflatten(-1, heads), *rope)
+        attn = block.self_attn
+        q = apply_rope(attn.norm_q(attn.q(h)).unflatten(-1, (attn.num_heads, attn.head_dim)),
+                       *rope)
         k = apply_rope(k_raw, *rope)
         v_all = v
         if prefix_k is not None:
             # attend() casts k to v's dtype anyway; the cached rotated K is stored in it.
             k = torch.cat([prefix_k, k.to(prefix_k.dtype)], dim=1)
             v_all = torch.cat([prefix_v, v], dim=1)
-        y = attn.o(attn.attend(q, k, v_all, attn_mask))
-        x = (grouped(x, rows) + grouped(y, rows) * gate_a).flatten(1, 2)
-        cross = block.cross_attn
-        q_text = cross.norm_q(cross.q(block.norm3(x))).unflatten(-1, heads)
-        x = x + cross.o(cross.attend(q_text, *cross_kv))
-        h = (grouped(block.norm2(x).float(), rows) * (1 + scale_f) + shift_f).flatten(1, 2)
-        y = block.ffn(h)
-        return (grouped(x, rows) + grouped(y, rows) * gate_f).flatten(1, 2), (k_raw, v)
+        x = _after_self_attention(block, x, attn.attend(q, k, v_all, attn_mask), cross_kv, terms)
+        return x, (k_raw, v)
 
     def _run_against_cache(self, x_chunk, t, g, cross, cache, want_kv: bool):
         """One chunk's pass against the cache (validated inputs: ``t`` [B, 1], ``g`` float64 [B]
@@ -485,34 +508,21 @@ class CausalWanModel(WanModel):
         un-rotated, v) of the pending rows).
         """
         rope_pending, rope_pending_post, rope_noisy = ropes
-        rows = e0.shape[1]
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = block.modulation_terms(e0)
-        h = (grouped(block.norm1(x).float(), rows) * (1 + scale_a) + shift_a).flatten(1, 2)
+        h, terms, k_raw, v = _block_start(block, x, e0)
         attn = block.self_attn
-        heads = (attn.num_heads, attn.head_dim)
-        q_raw = attn.norm_q(attn.q(h)).unflatten(-1, heads)
-        k_raw = attn.norm_k(attn.k(h)).unflatten(-1, heads)
-        v = attn.v(h).unflatten(-1, heads)
+        q_raw = attn.norm_q(attn.q(h)).unflatten(-1, (attn.num_heads, attn.head_dim))
         k_pending, v_pending = k_raw[:, :n], v[:, :n]
         own_k = torch.cat([apply_rope(k_pending, *rope_pending_post),
                            apply_rope(k_raw[:, n:], *rope_noisy)], 1)
         y = attn.attend(apply_rope(q_raw[:, n:], *rope_noisy), *_with_prefix(prefix_post, own_k, v))
         if is_last:
-            x, rows = x[:, n:], 1
-            gate_a, shift_f, scale_f, gate_f = (m[:, 1:] for m in (gate_a, shift_f, scale_f, gate_f))
+            x, terms = x[:, n:], tuple(m[:, 1:] for m in terms)
         else:
             y_pending = attn.attend(
                 apply_rope(q_raw[:, :n], *rope_pending),
                 *_with_prefix(prefix_pre, apply_rope(k_pending, *rope_pending), v_pending))
             y = torch.cat([y_pending, y], 1)
-        y = attn.o(y)
-        x = (grouped(x, rows) + grouped(y, rows) * gate_a).flatten(1, 2)
-        cross = block.cross_attn
-        q_text = cross.norm_q(cross.q(block.norm3(x))).unflatten(-1, heads)
-        x = x + cross.o(cross.attend(q_text, *cross_kv))
-        h = (grouped(block.norm2(x).float(), rows) * (1 + scale_f) + shift_f).flatten(1, 2)
-        y = block.ffn(h)
-        return (grouped(x, rows) + grouped(y, rows) * gate_f).flatten(1, 2), (k_pending, v_pending)
+        return _after_self_attention(block, x, y, cross_kv, terms), (k_pending, v_pending)
 
     def _forward_with_pending(self, x_chunk, t, g, cross, cache):
         """The velocity of ``x_chunk`` and the K/V of the cache's pending chunk in one pass,
