@@ -527,8 +527,9 @@ class CausalWanModel(WanModel):
     def _forward_with_pending(self, x_chunk, t, g, cross, cache):
         """The velocity of ``x_chunk`` and the K/V of the cache's pending chunk in one pass,
         then the pending chunk committed: what ``flush`` then ``forward_chunk`` compute, with
-        one pass of 2n tokens instead of two of n (this model's passes at streaming sizes cost
-        about the same for 16 or 32 tokens: the work is per operation, not per token)."""
+        one pass of 2n tokens instead of two of n. At streaming sizes on a CPU a pass is mostly
+        per-operation overhead, paid here once (shapes student: 7.1 ms for the joint pass
+        against 4.3 + 5.6 ms for the two it replaces)."""
         pending = cache.pending
         device = x_chunk.device
         tokens_pending, grid = self.embed_video(pending.latents)
