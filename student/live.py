@@ -1,8 +1,8 @@
 """Live streaming from scripts and the command line: load an engine, run a timed stream.
 
 ``load_engine_factory`` loads the student and the teacher parts it needs (tokenizer, text
-encoder, VAE or the tiny decoder; never the 14B experts) once, and returns a factory that makes one engine per
-session over the shared weights. ``run_stream`` drives one engine for a number of seconds of
+encoder, VAE or the tiny decoder; never the 14B experts) once, and returns a factory that makes
+one engine per session over the shared weights. ``run_stream`` drives one engine for a number of seconds of
 video, switches prompts at given video times, and writes the MP4 while it generates: the file is a
 fragmented MP4, so an interrupted run leaves a playable file.
 """
@@ -53,6 +53,9 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
         frames_decoder = find_tiny_decoder(teacher_dir, parts.vae, device=device)[0] or parts.vae
     elif decoder != "vae":
         folder = Path(teacher_dir) / TINY_DECODER_FOLDER if decoder == "tiny" else Path(decoder)
+        if decoder != "tiny" and not folder.is_dir():
+            raise FileNotFoundError(f"decoder {decoder!r} is not auto, vae, tiny or an existing "
+                                    f"tiny decoder folder; pass one of those")
         frames_decoder = load_tiny_decoder(folder, parts.vae, device=device)
     s = parts.config.sampling
 

@@ -129,4 +129,6 @@ def test_stream_decoder_auto_takes_the_teachers_tiny_decoder_when_it_fits(folder
     assert decoded_by() == "the tiny decoder"
     assert main([*base, "--decoder", "vae"]) == 0
     assert capsys.readouterr().out.strip().endswith("decoded by the VAE")
+    with pytest.raises(SystemExit, match="'tinyy' is not auto, vae, tiny or an existing"):
+        main([*base, "--decoder", "tinyy"])
 
