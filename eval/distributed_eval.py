@@ -25,439 +25,39 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics import CatMetric, Metric, SumMetric
+from torch.utils.data import DataLoader
+from torchmetrics import CatMetric, SumMetric
 from tqdm import tqdm
 
-from eval.fvd import FVD_NUM_FRAMES, fvd, video_features
+from eval.clip_score import clip_score_per_video
+from eval.config import EvalConfig, SystemSpec, TrainerSettings
+from eval.fvd import fvd, video_features
 from eval.latency import cpu_threads, side_by_side, summarize
 from eval.lpips_metric import lpips_per_video
-from eval.clip_score import clip_score_per_video
-from eval.oracle import judge
-from eval.oracle_stats import (
-    JOINT_BY_PROMPT,
-    pair_verdicts,
-    verdict_string,
-    wilson_interval,
+from eval.metric_states import (
+    MetricNetworks,
+    OracleCounts,
+    VideoFeatures,
+    add_oracle_comparisons,
+    cat_values,
+    keep_verdicts,
+    mean_std,
 )
+from eval.oracle_stats import JOINT_BY_PROMPT
 from eval.paired import paired_psnr_ssim
-from eval.report import available, is_ok, not_applicable, unavailable
-from eval.shapes_world import (COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, parse_caption,
-                                render, sample_spec)
+from eval.prompt_data import PromptDataset, collate_prompts, real_video_files, shapes_real_videos
+from eval.report import available, not_applicable, unavailable
 from eval.systems import StudentSystem, TeacherSystem, VideoSystem
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
 from teacher.video_io import read_video
-
-WORLDS = ("shapes", "prompts")
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration (typed; a YAML in configs/eval/ sets these fields, see eval.run.load_config)
-
-
-@dataclass(frozen=True)
-class SystemSpec:
-    """One system to evaluate.
-
-    kind: "teacher" or "student". steps: sampler steps (teacher) or steps per chunk (student);
-    None takes the model's default. solver: teacher only, "unipc" or "euler" (None: default).
-    guidance: student only, the guidance scale it is given (None: its default); a guidance
-    sweep is several student systems that differ only here.
-    name: report name (default e.g. ``teacher-euler-4``, ``student-2step``, ``student-4step-g2``).
-    decoder: "vae" (the teacher's VAE) or "tiny" (the tiny streaming decoder trained for it,
-        ``<teacher_dir>/tiny_decoder``; the default name then ends in ``-tiny``).
-    """
-
-    kind: str
-    steps: int | None = None
-    solver: str | None = None
-    name: str | None = None
-    guidance: float | None = None
-    decoder: str = "vae"
-
-
-DEFAULT_SYSTEMS: tuple[SystemSpec, ...] = (
-    SystemSpec("teacher"),  # the teacher's default sampler: UniPC, 40 steps, per-expert CFG
-    SystemSpec("teacher", steps=4),  # its own sampler at 4 steps: the student's 4-step baseline
-    SystemSpec("teacher", steps=4, solver="euler"),
-    SystemSpec("teacher", steps=8, solver="euler"),
-    SystemSpec("student", steps=1),
-    SystemSpec("student", steps=2),
-    SystemSpec("student", steps=4),
-    # What `stream` and `serve` run by default where the teacher ships a tiny decoder (skipped,
-    # with the reason, where it does not).
-    SystemSpec("student", steps=4, decoder="tiny"),
-)
-
-
-@dataclass(frozen=True)
-class FVDSettings:
-    """FVD against real videos (eval.fvd protocol).
-
-    weights: the I3D safetensors file (None: where ``wan-distill weights i3d`` installs it).
-    num_videos: generated videos per system (and real videos) that enter FVD; None = all
-        prompts, the same N as the oracle. On a CPU the I3D costs ~4 s per video.
-    num_frames: frames per clip (16 is the standard protocol).
-    bootstrap: resamples for the interval (0: none).
-    """
-
-    enabled: bool = True
-    weights: str | None = None
-    num_videos: int | None = None
-    num_frames: int = FVD_NUM_FRAMES
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    batch_size: int = 8
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """Batch-1 timing of every system, side by side: ``warmup`` rounds discarded, ``repeats``
-    rounds kept (round r uses prompt r of the list).
-
-    threads: torch's CPU threads while timing on the CPU (the quality pass keeps the process's
-        setting). 1 is what ``generate``, ``stream`` and ``serve`` use by default, so the report
-        times what a user of those commands waits for; None leaves torch's setting. Ignored on
-        a GPU.
-    """
-
-    warmup: int = 1
-    repeats: int = 5
-    threads: int | None = 1
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    """Lightning Trainer knobs of the predict run ("auto": a GPU when one is visible)."""
-
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything one evaluation run needs.
-
-    world: "shapes" (prompts from ``eval.shapes_world.eval_prompts``, real videos rendered by the
-        world, oracle accuracy) or "prompts" (a prompt file, a folder of real videos, no oracle).
-    teacher_dir: the teacher folder (None: the embedded shapes teacher).
-    student_dir: the student folder (None: ``student.paths.default_student_dir("shapes")``).
-    systems: what to evaluate; reference: the system the others are paired with (None: the
-        first teacher system).
-    num_prompts: N (shapes: >= 168 covers every factor combination in both languages; prompts
-        world: None = every line of the file).
-    prompt_seed, noise_seed: prompt i is sampled from seed noise_seed + i in every system.
-    real_seed: shapes world: real clip i is rendered from seed real_seed + i with prompt i's
-        factors.
-    batch_size: prompts per predict step and process.
-    width, height, frames: clip size of every system (None: the teacher's default).
-    dtype: "auto" (bf16 on a GPU, fp32 on the CPU), "fp32" or "bf16" for the DiTs and T5.
-    offload: keep only the active teacher expert on the GPU.
-    lpips_net, lpips_trunk: LPIPS backbone and its torchvision file (None: torch hub's cache).
-    clip_dir: a local CLIP folder for the CLIP score (None: unavailable).
-    clip_frames: frames per video for the CLIP score (evenly spaced).
-    out: the report folder.
-    """
-
-    world: str = "shapes"
-    teacher_dir: str | None = None
-    student_dir: str | None = None
-    systems: list[SystemSpec] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
-    reference: str | None = None
-    num_prompts: int | None = 200
-    prompt_seed: int = 0
-    noise_seed: int = 0
-    prompts_file: str | None = None
-    real_videos_dir: str | None = None
-    real_seed: int = 1_000_000
-    batch_size: int = 50
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    dtype: str = "auto"
-    offload: bool = True
-    fvd: FVDSettings = field(default_factory=FVDSettings)
-    lpips_net: str = "alex"
-    lpips_trunk: str | None = None
-    clip_dir: str | None = None
-    clip_frames: int = 8
-    latency: LatencySettings = field(default_factory=LatencySettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    out: str = "eval_report"
-    progress: bool = True
-
-
-# ---------------------------------------------------------------------------------------------
-# Metric networks (loaded by the caller; tests inject tiny random ones)
-
-
-@dataclass
-class MetricNetworks:
-    """The networks behind FVD, LPIPS and CLIP score, or why each is unavailable.
-
-    fvd_model maps float [B, 3, T, 224, 224] in [-1, 1] to features [B, D] (the I3D);
-    ``*_network`` names what was loaded ("random-test" for the tests' random networks, which
-    the report never prints under the metric's name).
-    """
-
-    fvd_model: Callable[[torch.Tensor], torch.Tensor] | None = None
-    fvd_network: str = "i3d-kinetics400-tfhub"
-    fvd_reason: str = ""
-    lpips_model: nn.Module | None = None
-    lpips_network: str = ""
-    lpips_reason: str = ""
-    clip_metric: Metric | None = None
-    clip_network: str = ""
-    clip_reason: str = ""
-
-    def to(self, device: torch.device) -> MetricNetworks:
-        for name in ("fvd_model", "lpips_model", "clip_metric"):
-            module = getattr(self, name)
-            if isinstance(module, nn.Module):
-                setattr(self, name, module.to(device))
-        return self
-
-
-# ---------------------------------------------------------------------------------------------
-# Metric states
-
-
-class VideoFeatures(Metric):
-    """Per-video feature vectors [N, dim], gathered over processes (for FVD and its bootstrap).
-
-    Stored flattened (1-D) because torchmetrics pads a process without samples with a 1-D
-    empty tensor before gathering; 1-D states of any length then gather alike.
-    """
-
-    full_state_update = False
-
-    def __init__(self, dim: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.dim = dim
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-
-    def update(self, features: torch.Tensor) -> None:
-        if features.ndim != 2:
-            raise ValueError(f"features must be [B, D], got {list(features.shape)}")
-        if self.dim is None:
-            self.dim = int(features.shape[1])
-        if features.shape[1] != self.dim:
-            raise ValueError(f"features have D={features.shape[1]}, expected {self.dim}")
-        self.values.append(features.detach().to(self.dtype).reshape(-1))
-
-    def compute(self) -> torch.Tensor:
-        """float [N, dim] on the CPU (N = 0 when nothing was seen anywhere)."""
-        values = self.values
-        if isinstance(values, list):
-            values = torch.cat(values) if values else torch.zeros(0)
-        dim = self.dim or 1
-        return values.detach().cpu().reshape(-1, dim)
-
-
-ORACLE_FIELDS = ("n", "colour", "shape", "motion", "joint", "not_found", "no_motion")
-# The values of each factor, in the order of the confusion tables' rows and columns.
-FACTOR_VALUES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
-NOT_RECOVERED = "none"  # the confusion column of videos whose factor the oracle could not read
-
-
-class OracleCounts(Metric):
-    """Oracle tallies, summed over processes: per caption language counts [len(LANGS), 7] (see
-    ORACLE_FIELDS), equal to ``eval.oracle.accuracy`` on the same videos, and per factor a
-    confusion table [values, values + 1] (captioned value x recovered value, last column: not
-    recovered). The tables show what an aggregate hides, e.g. a system that draws every shape
-    as a circle scores 33% shape accuracy with every square and triangle in the circle column.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("counts", default=torch.zeros(len(LANGS), len(ORACLE_FIELDS),
-                                                     dtype=torch.int64), dist_reduce_fx="sum")
-        for factor, values in FACTOR_VALUES.items():
-            self.add_state(f"confusion_{factor}", dist_reduce_fx="sum",
-                           default=torch.zeros(len(values), len(values) + 1, dtype=torch.int64))
-        # Each prompt's joint verdict, so that two systems pair up prompt by prompt.
-        self.add_state("prompt_index", default=[], dist_reduce_fx="cat")
-        self.add_state("prompt_joint", default=[], dist_reduce_fx="cat")
-
-    def update(self, videos: torch.Tensor, prompts: Sequence[str],
-               indices: Sequence[int] | None = None) -> None:
-        """videos uint8 [B, T, H, W, 3]; prompts: shapes-world captions (either language);
-        indices: the prompts' positions in the evaluation's list (for the paired comparison)."""
-        if len(videos) != len(prompts):
-            raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
-        if indices is not None and len(indices) != len(prompts):
-            raise ValueError(f"{len(indices)} indices but {len(prompts)} prompts")
-        targets = [parse_caption(p) for p in prompts]  # all checked before anything is counted
-        joint = []
-        for video, prompt, target in zip(videos.cpu().numpy(), prompts, targets):
-            verdict = judge(video)
-            hits = verdict.matches(target)
-            joint.append(bool(hits["joint"]))
-            row = [1, hits["colour"], hits["shape"], hits["motion"], hits["joint"],
-                   not verdict.found, verdict.found and verdict.motion is None]
-            self.counts[LANGS.index(caption_lang(prompt))] += torch.tensor(
-                [int(v) for v in row], device=self.counts.device)
-            for factor, values in FACTOR_VALUES.items():
-                recovered = getattr(verdict, factor)
-                column = values.index(recovered) if recovered is not None else len(values)
-                table = getattr(self, f"confusion_{factor}")
-                table[values.index(getattr(target, factor)), column] += 1
-        if indices is not None:
-            self.prompt_index.append(torch.as_tensor(list(indices), dtype=torch.int64,
-                                                     device=self.counts.device))
-            self.prompt_joint.append(torch.tensor(joint, dtype=torch.bool,
-                                                  device=self.counts.device))
-
-    def compute(self) -> dict:
-        counts = self.counts.cpu()
-
-        def summary(row: torch.Tensor) -> dict:
-            values = dict(zip(ORACLE_FIELDS, (int(v) for v in row)))
-            n = values["n"]
-            result = {"n": n}
-            for key in ("colour", "shape", "motion", "joint"):
-                result[key] = values[key] / n if n else float("nan")
-            result["correct"] = {k: values[k] for k in ("colour", "shape", "motion", "joint")}
-            result.update(not_found=values["not_found"], no_motion=values["no_motion"])
-            return result
-
-        result = summary(counts.sum(dim=0))
-        if result["n"]:
-            result["joint_ci95"] = list(wilson_interval(result["correct"]["joint"], result["n"]))
-        result["by_language"] = {lang: summary(counts[i]) for i, lang in enumerate(LANGS)}
-        result["by_value"], result["confusion"] = {}, {}
-        for factor, values in FACTOR_VALUES.items():
-            table = getattr(self, f"confusion_{factor}").cpu()
-            columns = (*values, NOT_RECOVERED)
-            # Accuracy among the prompts that ask for each value (values never asked for: absent).
-            result["by_value"][factor] = {
-                value: int(table[i, i]) / int(table[i].sum())
-                for i, value in enumerate(values) if table[i].sum() > 0}
-            result["confusion"][factor] = {
-                value: {columns[j]: int(c) for j, c in enumerate(table[i].tolist()) if c}
-                for i, value in enumerate(values) if table[i].sum() > 0}
-        result[JOINT_BY_PROMPT] = self._joint_by_prompt()
-        return result
-
-    def _joint_by_prompt(self) -> dict[int, bool]:
-        """{prompt index: joint verdict}. A prompt seen twice keeps its first verdict (it is
-        the same video); Lightning's predict sampler does not repeat prompts, a padding
-        DistributedSampler would."""
-        index, joint = self.prompt_index, self.prompt_joint
-        if isinstance(index, list):  # not synced: this process's batches, or none at all
-            if not index:
-                return {}
-            index, joint = torch.cat(index), torch.cat(joint)
-        verdicts: dict[int, bool] = {}
-        for i, ok in zip(index.cpu().tolist(), joint.cpu().tolist()):
-            verdicts.setdefault(int(i), bool(ok))
-        return verdicts
-
-
-def add_oracle_comparisons(results: list[dict], verdicts: dict[str, dict[int, bool]]) -> None:
-    """Each student's oracle slot gains ``versus``: per teacher system, the exact McNemar
-    comparison on the prompts both were judged on (``eval.oracle_stats.paired_comparison``)."""
-    teachers = [r["name"] for r in results if r.get("kind") == "teacher" and r["name"] in verdicts]
-    for entry in results:
-        name = entry["name"]
-        if entry.get("kind") != "student" or name not in verdicts or not is_ok(entry.get("oracle")):
-            continue
-        pairs = {teacher: pair_verdicts(verdicts[name], verdicts[teacher]) for teacher in teachers}
-        entry["oracle"]["versus"] = {t: c for t, c in pairs.items() if c is not None}
-
-
-def keep_verdicts(results: list[dict], verdicts: dict[str, dict[int, bool]], n: int) -> None:
-    """Each oracle slot keeps its per-prompt verdicts as a string (``verdict_string``), so that
-    another run's report can be paired with this one (``eval.compare``)."""
-    for entry in results:
-        if entry["name"] in verdicts and is_ok(entry.get("oracle")):
-            entry["oracle"][JOINT_BY_PROMPT] = verdict_string(verdicts[entry["name"]], n)
-
-
-def _cat(metric: CatMetric) -> torch.Tensor:
-    values = metric.compute()
-    if isinstance(values, list):  # torchmetrics returns [] when no value was seen anywhere
-        return torch.zeros(0)
-    return values.detach().cpu().reshape(-1).double()
-
-
-def mean_std(values: torch.Tensor) -> dict:
-    """{"mean", "std" (with N - 1; 0 for one value), "n"} of a 1-D tensor (inf propagates)."""
-    n = int(values.numel())
-    if n == 0:
-        raise ValueError("mean_std of no values")
-    mean = float(values.mean())
-    std = float(values.std(unbiased=True)) if n > 1 and math.isfinite(mean) else 0.0
-    return {"mean": mean, "std": std, "n": n}
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and real videos
-
-
-class PromptDataset(Dataset):
-    """Prompt i with its noise seed; items are {"index", "prompt", "seed"}."""
-
-    def __init__(self, prompts: Sequence[str], noise_seed: int):
-        self.prompts, self.noise_seed = list(prompts), int(noise_seed)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i, "prompt": self.prompts[i], "seed": self.noise_seed + i}
-
-
-def collate_prompts(items: list[dict]) -> dict:
-    return {key: [item[key] for item in items] for key in ("index", "prompt", "seed")}
-
-
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts_file {path} does not exist; give a text file with one "
-                                f"prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompts_file {path} holds no prompt")
-    return prompts
-
-
-def real_video_files(folder: str | os.PathLike) -> list[Path]:
-    """The video files of ``folder`` (recursively), sorted by path."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"real_videos_dir {root} does not exist; give a folder of real "
-                                f"videos ({', '.join(VIDEO_SUFFIXES)}) for FVD")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not files:
-        raise ValueError(f"real_videos_dir {root} holds no video file ({', '.join(VIDEO_SUFFIXES)})")
-    return files
-
-
-def shapes_real_videos(indices: Sequence[int], prompts: Sequence[str], real_seed: int
-                       ) -> torch.Tensor:
-    """Real clips of the shapes world with the prompts' factors: uint8 [B, 17, 64, 64, 3]."""
-    clips = [render(sample_spec(real_seed + int(i), parse_caption(p)))
-             for i, p in zip(indices, prompts)]
-    return torch.from_numpy(np.stack(clips))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,7 +294,7 @@ class EvalModule(L.LightningModule):
         gathered = {}
         for name in self.names:
             states = self.metric_states[name]
-            gathered[name] = {key: (_cat(m) if isinstance(m, CatMetric) else m.compute())
+            gathered[name] = {key: (cat_values(m) if isinstance(m, CatMetric) else m.compute())
                               for key, m in states.items()}
         if not self.trainer.is_global_zero:
             return

@@ -34,22 +34,20 @@ from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from student.tiny_decoder_checkpoint import find_tiny_decoder  # noqa: E402
 from eval.clip_score import load_clip_score  # noqa: E402
+from eval.config import WORLDS, EvalConfig, SystemSpec  # noqa: E402
 from eval.distributed_eval import (  # noqa: E402
-    WORLDS,
-    EvalConfig,
     EvalModule,
     LoadedModels,
-    MetricNetworks,
-    SystemSpec,
     machine_info,
     make_trainer,
-    read_prompt_file,
     resolve_accelerator,
     run_predict,
     system_name,
 )
 from eval.i3d_weights import INSTALL_COMMAND, load_i3d  # noqa: E402
 from eval.lpips_metric import load_lpips  # noqa: E402
+from eval.metric_states import MetricNetworks  # noqa: E402
+from eval.prompt_data import read_prompt_file  # noqa: E402
 from eval.report import RANDOM_TEST_NETWORK, build_report, summary_line, write_report  # noqa: E402
 from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.unavailable import MetricUnavailable  # noqa: E402

@@ -270,6 +270,10 @@ class StudentStreamEngine:
     def _clear_stats(self) -> None:
         self._chunks_total = self._frames_total = self._recaches = 0
         self._gen_seconds_total = self._first_chunk_seconds = 0.0
+        # Seconds per phase of the last chunk: text_s, recache_s (after a prompt or guidance
+        # change), denoise_s, kv_append_s, decode_s and their sum total_s. Appends are deferred,
+        # so kv_append_s is only their bookkeeping: a chunk's K/V are computed inside the next
+        # chunk's first pass per network and counted in that chunk's denoise_s.
         self.last_timings: dict[str, float] = {}
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:

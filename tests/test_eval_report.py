@@ -20,9 +20,11 @@ from PIL import Image
 from scipy.stats import binomtest
 
 from eval.compare import compare_reports
-from eval.distributed_eval import (JOINT_BY_PROMPT, NOT_RECOVERED, EvalConfig, LatencySettings,
-                                   MetricNetworks, OracleCounts, SystemSpec, VideoFeatures,
-                                   add_oracle_comparisons, system_name)
+from eval.config import EvalConfig, LatencySettings, SystemSpec
+from eval.distributed_eval import system_name
+from eval.metric_states import (NOT_RECOVERED, MetricNetworks, OracleCounts, VideoFeatures,
+                                add_oracle_comparisons)
+from eval.oracle_stats import JOINT_BY_PROMPT
 from eval import distributed_eval
 from eval.latency import cpu_threads, rotation, side_by_side, summarize
 from eval.oracle import accuracy, judge

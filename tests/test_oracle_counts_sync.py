@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.distributed_eval import JOINT_BY_PROMPT, OracleCounts
+from eval.metric_states import OracleCounts
 from eval.oracle import judge
+from eval.oracle_stats import JOINT_BY_PROMPT
 from eval.shapes_world import eval_prompts, parse_caption, render, sample_spec
 
 PROMPTS = eval_prompts(5, seed=4)
