@@ -196,6 +196,13 @@ def _timing_cell(t: dict | None) -> str:
     return f"{t['median']:.3f} [{t['q25']:.3f}, {t['q75']:.3f}] (n={t['n']})"
 
 
+def _batched_cell(quality_pass: dict | None) -> str:
+    """Milliseconds per video of the quality pass (throughput at its batch size), or '-'."""
+    if not quality_pass or not quality_pass.get("videos"):
+        return "-"
+    return f"{quality_pass['seconds_per_video'] * 1000:.1f}"
+
+
 def _slot_cell(slot: dict | None, render) -> str:
     if not slot:
         return "-"
@@ -246,7 +253,10 @@ def format_markdown(report: dict) -> str:
         lines.append(f"- Paired distances: each system against `{report['reference']}` "
                      "(same prompt, same initial noise), per frame, averaged per video.")
     lines.append("")
-    header = ["System", "Steps", "NFE", "Latency s, median [IQR]", "First frame s",
+    batch = next((s["quality_pass"]["batch_size"] for s in report["systems"]
+                  if s.get("quality_pass")), None)
+    batched = "Batched ms/video" + (f" (batch {batch})" if batch else "")
+    header = ["System", "Steps", "NFE", "Latency s, median [IQR]", "First frame s", batched,
               "Oracle joint [95% CI]", "colour", "shape", "motion", "FVD [95% CI]", "PSNR dB",
               "SSIM", "LPIPS", "CLIP score"]
     lines.append("| " + " | ".join(header) + " |")
@@ -256,7 +266,7 @@ def format_markdown(report: dict) -> str:
         star = " *" if s.get("pareto") else ""
         row = [f"{s['name']}{star}", str(s.get("steps", "-")), str(s.get("nfe", "-")),
                _timing_cell(s.get("latency_s")), _timing_cell(s.get("time_to_first_frame_s")),
-               _slot_cell(oracle, _joint_cell)]
+               _batched_cell(s.get("quality_pass")), _slot_cell(oracle, _joint_cell)]
         row += [_slot_cell(oracle, lambda o, f=f: _oracle_cell(o, f))
                 for f in ("colour", "shape", "motion")]
         row.append(_slot_cell(s.get("fvd"), _fvd_cell))

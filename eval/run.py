@@ -217,7 +217,9 @@ def _quiet_lightning() -> None:
 
 
 def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
-              fvd_network: str) -> list[str]:
+              fvd_network: str | None, fvd_reason: str = "") -> list[str]:
+    """The report's protocol lines; ``fvd_network`` None: FVD was not computed (why:
+    ``fvd_reason``)."""
     lat, f = config.latency, config.fvd
     lines = [
         f"Latency: one video at batch 1, prompt text to last decoded frame (text encoding, "
@@ -236,20 +238,28 @@ def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
         "under forwards as kv_append but no pass of its own).",
         "Quality pass: every prompt once in every system, batched; prompt i uses noise seed "
         "noise_seed + i in every system (same initial noise), so videos pair across systems.",
+        f"Batched ms/video: throughput, the quality pass's generation seconds (the same clock as "
+        f"latency) over its videos, in batches of {config.batch_size} per process, every system "
+        f"on the same batch in turn, at the process's thread setting (see Machine); no warm-up "
+        f"round. At batch 1 a small model pays mostly per-operation overhead; a batch spreads "
+        f"it over its videos.",
     ]
     if config.world == "shapes":
         lines.append("Oracle: eval.oracle recovers colour, shape and motion from each video; "
                      "accuracy per factor and joint (all three right), with N and per language.")
-    lines.append(
-        f"FVD: the first {f.num_frames} frames, TF1 bilinear resize to 224x224, [-1, 1], "
-        f"features of {fvd_network} (the standard: i3d-kinetics400-tfhub, the TF-Hub I3D's 400-d "
-        f"logits averaged over time); Gaussians with N - 1 covariances; "
-        f"N = {fvd_limit} generated videos per system against the same number of real videos ("
-        + ("rendered by eval.shapes_world with the prompts' factors" if config.world == "shapes"
-           else f"the first files of {config.real_videos_dir}")
-        + f"); interval: {f.bootstrap} bootstrap resamples of both sets, bias-corrected "
-        f"(eval.fvd.bootstrap_interval), {f.confidence:.0%}. Small-N FVD is biased upward: "
-        f"compare values only at equal N.")
+    if fvd_network is None:
+        lines.append(f"FVD: not computed: {fvd_reason}.")
+    else:
+        lines.append(
+            f"FVD: the first {f.num_frames} frames, TF1 bilinear resize to 224x224, [-1, 1], "
+            f"features of {fvd_network} (the standard: i3d-kinetics400-tfhub, the TF-Hub "
+            f"I3D's 400-d logits averaged over time); Gaussians with N - 1 covariances; "
+            f"N = {fvd_limit} generated videos per system against the same number of real videos ("
+            + ("rendered by eval.shapes_world with the prompts' factors" if config.world == "shapes"
+               else f"the first files of {config.real_videos_dir}")
+            + f"); interval: {f.bootstrap} bootstrap resamples of both sets, bias-corrected "
+            f"(eval.fvd.bootstrap_interval), {f.confidence:.0%}. Small-N FVD is biased upward: "
+            f"compare values only at equal N.")
     if reference:
         lines.append(f"Paired distances against {reference}: PSNR and SSIM (torchmetrics, "
                      "0..255 scale, SSIM 11x11 Gaussian window) and LPIPS per frame, averaged "
@@ -358,7 +368,8 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
                 "num_real_videos": module.real_fvd_count},
         "clip_frames": config.clip_frames,
         "protocol": _protocol(config, module.fvd_limit, reference,
-                              nets.fvd_network if nets.fvd_model is not None else "none"),
+                              nets.fvd_network if nets.fvd_model is not None else None,
+                              nets.fvd_reason),
     }
     weights = {"teacher": str(teacher_dir), "teacher_preset": teacher.config.name,
                "student": str(student_dir) if student is not None else None}

@@ -480,6 +480,12 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
     table = [line.split(" | ") for line in lines[top:top + 10]]  # header, rule, 8 systems
     fvd_column = table[0].index("FVD [95% CI]")
     assert [row[fvd_column] for row in table[2:]] == ["random-test network"] * 8
+    # Throughput: each system's generation seconds of the quality pass over its 4 videos.
+    batched_column = table[0].index("Batched ms/video (batch 4)")
+    for s, row in zip(on_disk["systems"], table[2:]):
+        assert s["quality_pass"]["videos"] == 4 and s["quality_pass"]["batch_size"] == 4
+        assert row[batched_column] == f"{s['quality_pass']['seconds_per_video'] * 1000:.1f}"
+        assert s["quality_pass"]["seconds_per_video"] > 0
     for s in on_disk["systems"]:
         assert f"{s['fvd']['value']:.4f}" not in markdown.split("## Protocol")[0]
     assert "unavailable: no CLIP folder (test)" in markdown
@@ -512,6 +518,9 @@ def test_missing_student_still_evaluates_the_teacher(tiny_folders, tmp_path, cap
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "student-1step not evaluated" in markdown
     assert "fvd: unavailable: I3D weights not found (test)" in markdown
+    # The protocol says FVD was not computed and why, instead of describing its procedure.
+    assert "- FVD: not computed: I3D weights not found (test)." in markdown
+    assert "TF1 bilinear resize" not in markdown
 
 
 def test_numbers_keep_their_decimals_below_1e5():
