@@ -197,10 +197,12 @@ def _timing_cell(t: dict | None) -> str:
 
 
 def _batched_cell(quality_pass: dict | None) -> str:
-    """Milliseconds per video of the quality pass (throughput at its batch size), or '-'."""
-    if not quality_pass or not quality_pass.get("videos"):
+    """Milliseconds per video of the quality pass (throughput at its batch size): the median
+    over its batches (with their count), or '-'."""
+    by_batch = (quality_pass or {}).get("seconds_per_video_by_batch")
+    if not by_batch or not by_batch.get("n"):
         return "-"
-    return f"{quality_pass['seconds_per_video'] * 1000:.1f}"
+    return f"{by_batch['median'] * 1000:.1f} (n={by_batch['n']})"
 
 
 def _slot_cell(slot: dict | None, render) -> str:

@@ -238,11 +238,11 @@ def _protocol(config: EvalConfig, fvd_limit: int, reference: str | None,
         "under forwards as kv_append but no pass of its own).",
         "Quality pass: every prompt once in every system, batched; prompt i uses noise seed "
         "noise_seed + i in every system (same initial noise), so videos pair across systems.",
-        f"Batched ms/video: throughput, the quality pass's generation seconds (the same clock as "
-        f"latency) over its videos, in batches of {config.batch_size} per process, every system "
-        f"on the same batch in turn, at the process's thread setting (see Machine); no warm-up "
-        f"round. At batch 1 a small model pays mostly per-operation overhead; a batch spreads "
-        f"it over its videos.",
+        f"Batched ms/video: throughput, each quality-pass batch's generation seconds (the same "
+        f"clock as latency) over its videos, median over the batches of all processes (n), in "
+        f"batches of {config.batch_size} per process, every system on the same batch in turn, "
+        f"at the process's thread setting (see Machine); no warm-up batch. At batch 1 a small "
+        f"model pays mostly per-operation overhead; a batch spreads it over its videos.",
     ]
     if config.world == "shapes":
         lines.append("Oracle: eval.oracle recovers colour, shape and motion from each video; "

@@ -480,12 +480,15 @@ def test_tiny_end_to_end_report(tiny_folders, tmp_path, capsys, monkeypatch):
     table = [line.split(" | ") for line in lines[top:top + 10]]  # header, rule, 8 systems
     fvd_column = table[0].index("FVD [95% CI]")
     assert [row[fvd_column] for row in table[2:]] == ["random-test network"] * 8
-    # Throughput: each system's generation seconds of the quality pass over its 4 videos.
+    # Throughput: each system's generation seconds of the quality pass over its 4 videos, one
+    # batch of 4 here, so the median over batches is that batch's seconds per video.
     batched_column = table[0].index("Batched ms/video (batch 4)")
     for s, row in zip(on_disk["systems"], table[2:]):
-        assert s["quality_pass"]["videos"] == 4 and s["quality_pass"]["batch_size"] == 4
-        assert row[batched_column] == f"{s['quality_pass']['seconds_per_video'] * 1000:.1f}"
-        assert s["quality_pass"]["seconds_per_video"] > 0
+        qp = s["quality_pass"]
+        assert qp["videos"] == 4 and qp["batch_size"] == 4 and qp["seconds_per_video"] > 0
+        assert qp["seconds_per_video_by_batch"]["n"] == 1
+        assert qp["seconds_per_video_by_batch"]["median"] == pytest.approx(qp["seconds_per_video"])
+        assert row[batched_column] == f"{qp['seconds_per_video'] * 1000:.1f} (n=1)"
     for s in on_disk["systems"]:
         assert f"{s['fvd']['value']:.4f}" not in markdown.split("## Protocol")[0]
     assert "unavailable: no CLIP folder (test)" in markdown
