@@ -19,6 +19,13 @@ from teacher.moe import two_expert_velocity
 from teacher.solvers import SOLVER_NAMES as SOLVERS
 from teacher.solvers import sample, solver_sigmas
 
+# Clips per VAE decode call. Decoding many clips in one call is slower per clip: on the 2-core
+# CPU, 48 shapes clips took 1.7x longer in one call than in calls of 8, at one thread and at two
+# (tests/benchmarks/bench_decode_batch.py); it also bounds the decoder's activation memory. Each
+# clip decodes on its own (no op mixes clips), so only the convolutions' float rounding can
+# differ (at most one uint8 level).
+DECODE_BATCH = 8
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -197,10 +204,12 @@ def sample_latents(
 
 @torch.no_grad()
 def decode_latents(models: TeacherModels, latents: torch.Tensor) -> torch.Tensor:
-    """Latents [B,C,F,H,W] -> uint8 video [B, T, H, W, 3] (VAE in fp32, as officially)."""
+    """Latents [B,C,F,H,W] -> uint8 video [B, T, H, W, 3] (VAE in fp32, as officially), decoded
+    ``DECODE_BATCH`` clips at a time."""
     vae = models.vae
-    video = vae.decode(latents.to(_device_of(vae), torch.float32))
-    return video_to_uint8(video)
+    device = _device_of(vae)
+    return torch.cat([video_to_uint8(vae.decode(part.to(device, torch.float32)))
+                      for part in latents.split(DECODE_BATCH)])
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

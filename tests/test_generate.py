@@ -92,3 +92,28 @@ def test_same_seed_same_video_and_step_count(ckpt):
     generate(models, GenerationRequest(prompt="x", steps=4, solver="euler"),
              on_step=lambda i, t, s: steps.append(t))
     assert len(steps) == 4 and steps == sorted(steps, reverse=True)
+
+
+def test_decode_latents_decodes_in_sub_batches_each_clip_as_alone(monkeypatch):
+    """More clips than DECODE_BATCH are decoded in calls of at most DECODE_BATCH, and every clip
+    comes out as it does decoded alone (uint8, up to one level of convolution rounding)."""
+    from teacher import pipeline
+
+    models = tiny_models()
+    clips = pipeline.DECODE_BATCH + 3
+    shape = pipeline.latent_shape(models, 5, 32, 32)
+    latents = torch.randn(clips, *shape, generator=torch.Generator().manual_seed(0))
+    calls = []
+    decode = models.vae.decode
+
+    def spy(z):
+        calls.append(z.shape[0])
+        return decode(z)
+
+    monkeypatch.setattr(models.vae, "decode", spy)
+    with torch.no_grad():
+        videos = pipeline.decode_latents(models, latents)
+        alone = torch.cat([pipeline.decode_latents(models, latents[i:i + 1]) for i in range(clips)])
+    assert calls[:2] == [pipeline.DECODE_BATCH, 3] and calls[2:] == [1] * clips
+    assert videos.shape == (clips, 5, 32, 32, 3) and videos.dtype == torch.uint8
+    assert (videos.int() - alone.int()).abs().max() <= 1
