@@ -248,6 +248,34 @@ def test_systems_are_batch_invariant_and_report_costs(tiny_folders):
         teacher.generate(prompts, seeds[:1])
 
 
+def test_student_system_decodes_in_slices_with_a_cache_each(tiny_folders, monkeypatch):
+    """More prompts than DECODE_BATCH: every chunk is decoded in slices of at most DECODE_BATCH
+    clips, each slice with its own streaming cache, and each clip comes out as it does alone."""
+    from student.checkpoint import load_student
+    from teacher.checkpoint import load_teacher
+    from teacher.pipeline import DECODE_BATCH
+
+    models = load_teacher(tiny_folders["teacher"])
+    student, config = load_student(tiny_folders["student"])
+    system = StudentSystem(student, config, models, steps=1)
+    prompts = eval_prompts(DECODE_BATCH + 2, seed=5)
+    seeds = list(range(len(prompts)))
+    calls = []
+    decode_chunk = models.vae.decode_chunk
+
+    def spy(latents, cache, **kwargs):
+        calls.append((latents.shape[0], id(cache)))
+        return decode_chunk(latents, cache, **kwargs)
+
+    monkeypatch.setattr(models.vae, "decode_chunk", spy)
+    batched = system.generate(prompts, seeds)
+    assert [n for n, _ in calls] == [DECODE_BATCH, 2] * system.num_chunks
+    assert len({cache for _, cache in calls}) == 2  # one cache per slice, kept across chunks
+    last = system.generate(prompts[-1:], seeds[-1:])
+    assert batched.videos.shape == (len(prompts), *last.videos.shape[1:])
+    assert (batched.videos[-1].int() - last.videos[0].int()).abs().max() <= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Metric states
 
