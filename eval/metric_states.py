@@ -22,7 +22,6 @@ from eval.report import is_ok
 from eval.shapes_world import COLOURS, LANGS, MOTIONS, SHAPES, caption_lang, parse_caption
 
 
-
 @dataclass
 class MetricNetworks:
     """The networks behind FVD, LPIPS and CLIP score, or why each is unavailable.

@@ -266,8 +266,7 @@ class StudentSystem:
                                        window_chunks=self.config.window_chunks)
         # One streaming decode cache per slice of DECODE_BATCH clips: the decoder, like
         # teacher.pipeline.decode_latents, is faster per clip on small batches.
-        starts = range(0, batch, DECODE_BATCH)
-        decode_caches = [decoder.new_decode_cache() for _ in starts]
+        decode_caches = [decoder.new_decode_cache() for _ in range(0, batch, DECODE_BATCH)]
         chunks, first_frame_seconds = [], 0.0
         for c in range(self.num_chunks):
             x0 = sample_chunk(self.student, noise[:, :, c * cf:(c + 1) * cf], self.sigmas,
@@ -275,10 +274,10 @@ class StudentSystem:
                               self.config.num_train_timesteps)
             if c + 1 < self.num_chunks:
                 self.student.append_chunk(x0, context, self.guidance, cache, defer=True)
-            x0 = x0.to(decoder_device)
             chunks.append(torch.cat([
-                video_to_uint8(decoder.decode_chunk(x0[s:s + DECODE_BATCH], decode_cache))
-                for s, decode_cache in zip(starts, decode_caches)]))
+                video_to_uint8(decoder.decode_chunk(part, decode_cache))
+                for part, decode_cache in zip(x0.to(decoder_device).split(DECODE_BATCH),
+                                              decode_caches)]))
             if c == 0:
                 first_frame_seconds = watch.elapsed()
         seconds = watch.elapsed()

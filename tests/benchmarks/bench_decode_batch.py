@@ -5,8 +5,8 @@
     python tests/benchmarks/bench_decode_batch.py --clips 48 --threads 2
 
 Decodes the same random latents (the shipped shapes VAE, 17 frames) both ways for ``--rounds``
-rounds and prints the median milliseconds per clip of each and the largest uint8 difference
-between the two videos.
+rounds, in alternating order (``eval.latency.side_by_side``), and prints the median
+milliseconds per clip of each and the largest uint8 difference between the two videos.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from eval.latency import side_by_side  # noqa: E402
 from student.paths import embedded_teacher_dir  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import DECODE_BATCH, decode_latents, latent_shape, video_to_uint8  # noqa: E402
@@ -41,15 +42,19 @@ def main() -> None:
                           generator=torch.Generator().manual_seed(0))
     ways = {"one call": lambda: video_to_uint8(models.vae.decode(latents)),
             f"calls of {DECODE_BATCH}": lambda: decode_latents(models, latents)}
-    seconds = {name: [] for name in ways}
     videos = {}
+
+    def timed(name: str):
+        def run(r: int) -> float:
+            start = time.perf_counter()
+            videos[name] = ways[name]()
+            return time.perf_counter() - start
+        return run
+
     with torch.no_grad():
-        decode_latents(models, latents[:DECODE_BATCH])  # warm-up
-        for r in range(args.rounds):
-            for name in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
-                start = time.perf_counter()
-                videos[name] = ways[name]()
-                seconds[name].append(time.perf_counter() - start)
+        decode_latents(models, latents[:DECODE_BATCH])  # warm-up at the smaller shape
+        seconds = side_by_side({name: timed(name) for name in ways}, warmup=0,
+                               repeats=args.rounds)
     a, b = videos.values()
     print(f"{args.clips} clips, {args.threads} thread(s), median of {args.rounds} rounds: "
           + ", ".join(f"{name} {statistics.median(v) / args.clips * 1000:.1f} ms/clip"
