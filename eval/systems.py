@@ -28,7 +28,7 @@ from eval.latency import Stopwatch
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.moe import MoEStudent
-from student.sampler import sample_chunk, student_sigmas
+from student.sampler import sample_chunk, stream_cache, student_sigmas
 from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
 from teacher.pipeline import (
@@ -239,8 +239,10 @@ class StudentSystem:
                              f"1 + 4k with k + 1 a multiple of it")
         self.num_chunks = self.latent_shape[1] // config.chunk_frames
         self.name = name or f"student-{self.steps}step"
-        # A finished chunk is appended to every network's cache.
-        self._networks = 2 if isinstance(student, MoEStudent) else 1
+        # A finished chunk is appended to the cache of every network the steps run.
+        timesteps = sigmas_to_timesteps(self.sigmas[:-1], config.num_train_timesteps)
+        self._networks = (len(student.networks_run_at(timesteps))
+                          if isinstance(student, MoEStudent) else 1)
 
     def info(self) -> dict:
         return {"name": self.name, "kind": self.kind, "solver": "multistep-consistency",
@@ -262,8 +264,9 @@ class StudentSystem:
         context = encode_prompts(self.parts, list(prompts), device)
         noise, generators = seeded_noise(self.latent_shape, seeds)
         noise = noise.to(device)
-        cache = self.student.new_cache(batch, device, sink_chunks=self.config.sink_chunks,
-                                       window_chunks=self.config.window_chunks)
+        cache = stream_cache(self.student, self.sigmas, batch, device,
+                             self.config.num_train_timesteps, sink_chunks=self.config.sink_chunks,
+                             window_chunks=self.config.window_chunks)
         # One streaming decode cache per slice of DECODE_BATCH clips: the decoder, like
         # teacher.pipeline.decode_latents, is faster per clip on small batches.
         decode_caches = [decoder.new_decode_cache() for _ in range(0, batch, DECODE_BATCH)]

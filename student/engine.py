@@ -40,7 +40,7 @@ from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.kv_cache import KVCache
 from student.moe import MoECache, MoEStudent
-from student.sampler import draw_noise, sample_chunk, student_sigmas
+from student.sampler import draw_noise, sample_chunk, stream_cache, student_sigmas
 from student.stream_types import FrameChunk, frame_timestamps
 
 
@@ -257,8 +257,10 @@ class StudentStreamEngine:
 
     def _restart_video(self) -> None:
         """Fresh KV and VAE caches, frame index 0, noise generator at the seed's start."""
-        self._kv = self.student.new_cache(1, self.device, sink_chunks=self.config.sink_chunks,
-                                          window_chunks=self.config.window_chunks)
+        self._kv = stream_cache(self.student, self.sigmas, 1, self.device,
+                                self.config.num_train_timesteps,
+                                sink_chunks=self.config.sink_chunks,
+                                window_chunks=self.config.window_chunks)
         self._decode = self.vae.new_decode_cache()
         self._kv_prompt: str | None = None
         self._kv_guidance: float | None = None

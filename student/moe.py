@@ -11,7 +11,9 @@ Wan2.2 runs two causal transformers, each with its own KV cache
 
 The student's step at timestep t runs ``high`` when t >= boundary * num_train_timesteps, else
 ``low``, exactly the teacher's rule. Each network keeps its own KV cache of the finished chunks
-(``MoECache``): a finished chunk is appended to both, since both read the past.
+(``MoECache``): a finished chunk is appended to both, since both read the past, unless the cache
+was made for steps that never run one of them (``new_cache(timesteps=...)``: the 1-step student
+runs only ``high``, and appending to ``low`` would cost it a pass per chunk that nothing reads).
 ``MoEStudent`` has the single student's streaming interface (``new_cache``, ``forward_chunk``,
 ``append_chunk``, ``recache``, ``forward_teacher_forcing``), so the sampler, the streaming engine
 and the evaluation take either.
@@ -63,21 +65,28 @@ def route_by_timestep(high: VelocityFn, low: VelocityFn, x_clean: torch.Tensor,
 
 @dataclass
 class MoECache:
-    """The two networks' KV caches of one batch of streams (same chunks, different K/V)."""
+    """The two networks' KV caches of one batch of streams (same chunks, different K/V).
 
-    high: KVCache
-    low: KVCache
+    A network the stream's steps never run has None: nothing reads its past.
+    """
+
+    high: KVCache | None
+    low: KVCache | None
+
+    def present(self) -> list[KVCache]:
+        """The caches that exist (they hold the same chunks)."""
+        return [c for c in (self.high, self.low) if c is not None]
 
     @property
     def num_chunks(self) -> int:
-        return self.low.num_chunks
+        return self.present()[0].num_chunks
 
     @property
     def holds_chunks(self) -> bool:
-        return self.low.holds_chunks
+        return self.present()[0].holds_chunks
 
     def nbytes(self) -> int:
-        return self.high.nbytes() + self.low.nbytes()
+        return sum(c.nbytes() for c in self.present())
 
 
 class MoEStudent(nn.Module):
@@ -131,31 +140,55 @@ class MoEStudent(nn.Module):
                              f"runs one network")
         return self.high if single == "high" else self.low
 
-    def new_cache(self, batch_size: int, device=None, **policy) -> MoECache:
-        return MoECache(self.high.new_cache(batch_size, device, **policy),
-                        self.low.new_cache(batch_size, device, **policy))
+    def networks_run_at(self, timesteps: torch.Tensor) -> tuple[str, ...]:
+        """Which networks ("high", "low", in that order) steps at ``timesteps`` (int) run."""
+        is_high = expert_high_mask(timesteps, self.boundary, self.num_train_timesteps)
+        if is_high.numel() == 0:
+            raise ValueError("timesteps is empty; pass the timesteps of the stream's steps")
+        return tuple(name for name, runs in (("high", bool(is_high.any())),
+                                             ("low", not bool(is_high.all()))) if runs)
+
+    def new_cache(self, batch_size: int, device=None, *, timesteps: torch.Tensor | None = None,
+                  **policy) -> MoECache:
+        """Both networks' caches, or with ``timesteps`` (int, the timesteps the stream's steps
+        run at) only those of the networks the steps run."""
+        runs = ("high", "low") if timesteps is None else self.networks_run_at(timesteps)
+        return MoECache(*(self.expert(name).new_cache(batch_size, device, **policy)
+                          if name in runs else None for name in ("high", "low")))
+
+    def expert(self, name: str) -> CausalWanModel:
+        return self.high if name == "high" else self.low
+
+    def _pairs(self, cache: MoECache) -> list[tuple[CausalWanModel, KVCache]]:
+        return [(network, own) for network, own in ((self.high, cache.high), (self.low, cache.low))
+                if own is not None]
 
     def forward_chunk(self, x_chunk: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       guidance, cache: MoECache) -> torch.Tensor:
         network = self.network_of(t)
-        return network.forward_chunk(x_chunk, t, context, guidance,
-                                     cache.high if network is self.high else cache.low)
+        name = "high" if network is self.high else "low"
+        own = getattr(cache, name)
+        if own is None:
+            raise ValueError(f"timesteps {t.flatten().tolist()} run the {name}-noise network, "
+                             f"but this cache was made for steps that never run it; make it with "
+                             f"new_cache(timesteps=...) of every step the stream takes")
+        return network.forward_chunk(x_chunk, t, context, guidance, own)
 
     def append_chunk(self, x0_chunk: torch.Tensor, context: torch.Tensor, guidance,
                      cache: MoECache, *, t: torch.Tensor | None = None,
                      defer: bool = False) -> None:
         # Deferred, each network computes the chunk's K/V in its own next step's pass: the
         # high one in the next chunk's first step, the low one in its first low-noise step.
-        self.high.append_chunk(x0_chunk, context, guidance, cache.high, t=t, defer=defer)
-        self.low.append_chunk(x0_chunk, context, guidance, cache.low, t=t, defer=defer)
+        for network, own in self._pairs(cache):
+            network.append_chunk(x0_chunk, context, guidance, own, t=t, defer=defer)
 
     def flush(self, cache: MoECache) -> None:
-        self.high.flush(cache.high)
-        self.low.flush(cache.low)
+        for network, own in self._pairs(cache):
+            network.flush(own)
 
     def recache(self, cache: MoECache, context: torch.Tensor, guidance) -> None:
-        self.high.recache(cache.high, context, guidance)
-        self.low.recache(cache.low, context, guidance)
+        for network, own in self._pairs(cache):
+            network.recache(own, context, guidance)
 
     def forward_teacher_forcing(self, x_clean: torch.Tensor, x_noisy: torch.Tensor,
                                 t: torch.Tensor, context: torch.Tensor,

@@ -27,6 +27,7 @@ import torch
 
 from teacher.schedule import euler_sigmas, sigmas_to_timesteps
 from student.kv_cache import KVCache
+from student.moe import MoECache, MoEStudent
 
 
 class ChunkModel(Protocol):
@@ -115,6 +116,20 @@ def sample_chunk(
     return x0
 
 
+def stream_cache(model: ChunkModel, sigmas: torch.Tensor, batch_size: int, device=None,
+                 num_train_timesteps: int = 1000, **policy) -> KVCache | MoECache:
+    """A fresh KV cache for streams sampled at ``sigmas`` (``policy``: sink and window).
+
+    A two-network student gets caches only for the networks these steps run: at 1 step it runs
+    only the high-noise one, and appending every chunk to the low-noise one as well would cost a
+    pass per chunk for K/V that nothing reads.
+    """
+    if isinstance(model, MoEStudent):
+        timesteps = sigmas_to_timesteps(_check_sigmas(sigmas)[:-1], num_train_timesteps)
+        return model.new_cache(batch_size, device, timesteps=timesteps, **policy)
+    return model.new_cache(batch_size, device, **policy)
+
+
 @torch.no_grad()
 def generate(
     model: ChunkModel,
@@ -141,7 +156,7 @@ def generate(
         raise ValueError(f"noise has shape {list(noise.shape)}; expected [B, C, F, H, W] with F a "
                          f"positive multiple of chunk_frames={chunk_frames}")
     batch, frames = noise.shape[0], noise.shape[2]
-    cache = model.new_cache(batch, noise.device)
+    cache = stream_cache(model, sigmas, batch, noise.device, num_train_timesteps)
     chunks = []
     for start in range(0, frames, chunk_frames):
         x0 = sample_chunk(model, noise[:, :, start:start + chunk_frames], sigmas, context,

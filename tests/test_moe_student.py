@@ -14,9 +14,10 @@ from student.causal_dit import CausalWanModel
 from student.checkpoint import MOE_SUBFOLDERS, load_student, save_moe_student, save_student
 from student.config import SHAPES_STUDENT, StudentConfig
 from student.moe import MoEStudent, route_by_timestep
-from student.sampler import generate, student_sigmas
+from student.sampler import generate, sample_chunk, stream_cache, student_sigmas
 from teacher.config import DiTConfig
 from teacher.pipeline import initial_noise
+from teacher.schedule import sigmas_to_timesteps
 
 DIT = DiTConfig(dim=24, ffn_dim=32, freq_dim=16, num_heads=2, num_layers=2, in_dim=4, out_dim=4,
                 text_len=8, eps=1e-6, text_dim=16)
@@ -91,6 +92,45 @@ def test_cache_holds_both_networks_and_a_step_runs_one():
     with pytest.raises(ValueError, match="straddle"):
         moe.forward_chunk(torch.randn(2, 4, 1, 4, 4), torch.tensor([900, 800]),
                           ctx.expand(2, -1, -1), 2.0, moe.new_cache(2))
+
+
+def test_a_stream_caches_only_the_networks_its_steps_run(monkeypatch):
+    moe = MoEStudent(network(1), network(2), boundary=0.875)
+    one_step, four_steps = student_sigmas(1, 3.0), student_sigmas(4, 3.0)
+    assert moe.networks_run_at(sigmas_to_timesteps(one_step[:-1])) == ("high",)
+    assert moe.networks_run_at(sigmas_to_timesteps(four_steps[:-1])) == ("high", "low")
+    assert moe.networks_run_at(torch.tensor([800, 500])) == ("low",)
+    with pytest.raises(ValueError, match="empty"):
+        moe.networks_run_at(torch.tensor([], dtype=torch.int64))
+    cache = stream_cache(moe, one_step, 1)
+    assert cache.high is not None and cache.low is None
+    assert cache.nbytes() == cache.high.nbytes()
+    both = stream_cache(moe, four_steps, 1)
+    assert both.high is not None and both.low is not None
+
+    # At 1 step the low network never runs, appends included. With both caches (before), every
+    # deferred append flushed the previous chunk into the low network's cache: a pass per chunk
+    # whose K/V nothing read. The video is the same either way.
+    low_passes = []
+    embed = moe.low.embed_video
+    monkeypatch.setattr(moe.low, "embed_video", lambda x: low_passes.append(1) or embed(x))
+    streamed = _generate(moe, one_step)
+    assert low_passes == []
+    ctx = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+    noise = initial_noise((4, 4, 4, 4), [5])
+    generators, old_cache, chunks = [torch.Generator().manual_seed(5)], moe.new_cache(1), []
+    with torch.no_grad():
+        for c in range(4):
+            x0 = sample_chunk(moe, noise[:, :, c:c + 1], one_step, ctx, 2.0, old_cache, generators)
+            chunks.append(x0)
+            if c < 3:
+                moe.append_chunk(x0, ctx, 2.0, old_cache, defer=True)
+    assert len(low_passes) == 2  # chunks 0 and 1, each flushed by the next append
+    torch.testing.assert_close(streamed, torch.cat(chunks, dim=2), rtol=0, atol=0)
+
+    # A step the cache was not made for is refused, naming the fix.
+    with pytest.raises(ValueError, match=r"low-noise network.*new_cache\(timesteps="):
+        moe.forward_chunk(torch.randn(1, 4, 1, 4, 4), torch.tensor([500]), ctx, 2.0, cache)
 
 
 def test_networks_must_match_and_boundary_is_checked():

@@ -1,0 +1,99 @@
+"""The two-network student's 17-frame clip with a KV cache for both networks against a cache for
+only the networks its steps run (``student.sampler.stream_cache``, what ``eval``, ``stream``
+and ``serve`` make), side by side in one process at one CPU thread, at 1, 2 and 4 steps.
+
+    python tests/benchmarks/bench_stream_caches.py --rounds 20
+
+At 1 step the student runs only its high-noise network; with both caches, every deferred append
+also flushed the previous chunk into the low-noise network's cache, a pass per chunk whose K/V
+nothing read. At 2 and 4 steps both networks run, so both ways make the same cache (a control).
+Each round makes one clip both ways in alternating order, from one prompt and seed per round,
+with the tiny decoder; prints the median per way and whether the frames are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from eval.shapes_world import eval_prompts  # noqa: E402
+from eval.systems import seeded_noise  # noqa: E402
+from student.checkpoint import load_student  # noqa: E402
+from student.moe import MoEStudent  # noqa: E402
+from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
+from student.sampler import sample_chunk, stream_cache, student_sigmas  # noqa: E402
+from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
+from teacher.checkpoint import load_teacher  # noqa: E402
+from teacher.pipeline import encode_prompts, latent_shape, video_to_uint8  # noqa: E402
+
+
+def make_clip(student, config, parts, decoder, sigmas, prompt: str, seed: int, only_run: bool):
+    """(seconds, uint8 frames [1, T, H, W, 3]): text to last decoded frame, as eval times it."""
+    start = time.perf_counter()
+    context = encode_prompts(parts, [prompt], torch.device("cpu"))
+    shape = latent_shape(parts, parts.config.sampling.frames, parts.config.sampling.height,
+                         parts.config.sampling.width)
+    noise, generators = seeded_noise(shape, [seed])
+    policy = {"sink_chunks": config.sink_chunks, "window_chunks": config.window_chunks}
+    cache = (stream_cache(student, sigmas, 1, None, config.num_train_timesteps, **policy)
+             if only_run else student.new_cache(1, **policy))
+    decode_cache = decoder.new_decode_cache()
+    cf, chunks = config.chunk_frames, shape[1] // config.chunk_frames
+    frames = []
+    for c in range(chunks):
+        x0 = sample_chunk(student, noise[:, :, c * cf:(c + 1) * cf], sigmas, context,
+                          config.guidance_default, cache, generators, config.num_train_timesteps)
+        if c + 1 < chunks:
+            student.append_chunk(x0, context, config.guidance_default, cache, defer=True)
+        frames.append(video_to_uint8(decoder.decode_chunk(x0, decode_cache)))
+    return time.perf_counter() - start, torch.cat(frames, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--student", default=str(default_student_dir("shapes")))
+    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    parts = load_teacher(args.teacher_dir, experts=False)
+    student, config = load_student(args.student)
+    if not isinstance(student, MoEStudent):
+        raise SystemExit(f"{args.student} holds one network; this compares two-network caches")
+    student.eval()
+    decoder = load_tiny_decoder(Path(args.teacher_dir) / TINY_DECODER_FOLDER, parts.vae)
+    prompts = eval_prompts(args.rounds, seed=0)
+    print(f"ms per clip, median of {args.rounds} (one thread, tiny decoder)")
+    print("| steps | networks run | caches for both networks | caches for the networks run "
+          "| frames identical |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for steps in args.steps:
+            sigmas = student_sigmas(steps, config.shift)
+            make_clip(student, config, parts, decoder, sigmas, prompts[0], 0, True)  # warm-up
+            seconds, identical = {False: [], True: []}, True
+            for r in range(args.rounds):
+                videos = {}
+                for only_run in ((False, True) if r % 2 == 0 else (True, False)):
+                    s, videos[only_run] = make_clip(student, config, parts, decoder, sigmas,
+                                                    prompts[r], r, only_run)
+                    seconds[only_run].append(s)
+                identical &= torch.equal(videos[True], videos[False])
+            cache = stream_cache(student, sigmas, 1, None, config.num_train_timesteps)
+            run = ", ".join(name for name in ("high", "low") if getattr(cache, name) is not None)
+            both, only = (statistics.median(seconds[k]) * 1000 for k in (False, True))
+            print(f"| {steps} | {run} | {both:.1f} | {only:.1f} ({both / only:.2f}x) | "
+                  f"{'yes' if identical else 'no'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
