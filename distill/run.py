@@ -412,6 +412,12 @@ def _run_stage_a(job: _Job) -> dict:
     return identity_a
 
 
+def _trained_fields(student: StudentConfig) -> dict:
+    """The student config as a stage's identity sees it: without its sampling grids, which only
+    inference reads (a new grid re-exports the student; it does not retrain it)."""
+    return {k: v for k, v in student_config_to_dict(student).items() if k != "sampling_grids"}
+
+
 def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, str | None]]:
     """ODE initialisation: the student learns the causal teacher's own trajectories.
 
@@ -421,7 +427,7 @@ def _run_ode_init(job: _Job, identity_a: dict) -> tuple[dict, dict[str | None, s
     cfg, o, student = job.cfg, job.cfg.ode_init, job.student
     inits: dict[str | None, str | None] = {}
     ode_dir = job.run_dir / "ode_init"
-    identity_o = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+    identity_o = {"causal_teacher": identity_a, "student": _trained_fields(student),
                   "student_init": _initial_weights(cfg), "ode_init": asdict(o),
                   "guidance_min": cfg.stage_b.guidance_min, "networks": job.networks}
     resumable = prepare_stage_dir(ode_dir, identity_o, cfg.resume)
@@ -470,7 +476,7 @@ def _run_stage_b(job: _Job, identity_a: dict, start_b: dict,
     cfg, student, teacher, causal_dir = job.cfg, job.student, job.teacher, job.causal_dir
     stage_b_dir = job.run_dir / "stage_b"
     trained = [n for n in job.networks if n is None or n in cfg.stage_b.networks]
-    identity_b = {"causal_teacher": identity_a, "student": student_config_to_dict(student),
+    identity_b = {"causal_teacher": identity_a, "student": _trained_fields(student),
                   "student_init": start_b, "stage_b": asdict(cfg.stage_b), "networks": trained}
     resumable = prepare_stage_dir(stage_b_dir, identity_b, cfg.resume)
     info = {"teacher_dir": str(job.teacher_dir), "causal_teacher_dir": str(causal_dir),

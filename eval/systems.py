@@ -28,7 +28,7 @@ from eval.latency import Stopwatch
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.moe import MoEStudent
-from student.sampler import sample_chunk, stream_cache, student_sigmas
+from student.sampler import sample_chunk, sampling_sigmas, stream_cache
 from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
 from teacher.pipeline import (
@@ -226,7 +226,7 @@ class StudentSystem:
         if not low <= self.guidance <= high:
             raise ValueError(f"guidance {self.guidance} is outside the student's trained range "
                              f"[{low:g}, {high:g}]")
-        self.sigmas = student_sigmas(self.steps, config.shift)
+        self.sigmas = sampling_sigmas(config, self.steps)
         # The teacher's request resolution validates the size (VAE stride x patch multiples).
         size = resolve_request(teacher_parts, GenerationRequest(
             prompt="settings", width=width, height=height, frames=frames))
@@ -246,7 +246,8 @@ class StudentSystem:
 
     def info(self) -> dict:
         return {"name": self.name, "kind": self.kind, "solver": "multistep-consistency",
-                "steps": self.steps, "shift": self.config.shift, "guidance": self.guidance,
+                "steps": self.steps, "sigmas": [round(float(x), 6) for x in self.sigmas],
+                "guidance": self.guidance,
                 "streaming": True, "chunk_frames": self.config.chunk_frames,
                 "num_chunks": self.num_chunks, "nfe": self.steps * self.num_chunks,
                 "frames": self.frames, "width": self.width, "height": self.height,

@@ -32,7 +32,11 @@ class StudentConfig:
         sink_chunks: first chunks kept in the KV cache forever (attention sink), >= 0.
         window_chunks: most recent chunks kept in the KV cache, >= 1.
         steps: student denoising steps per chunk.
-        shift: resolution shift of the student's sigma list (``student.sampler.student_sigmas``).
+        shift: resolution shift of the student's sigma list (``student.sampler.student_sigmas``):
+            the training grid, and the sampling grid at step counts ``sampling_grids`` lacks.
+        sampling_grids: tuned sampling sigma lists, one per step count (its length): each starts
+            at 1, decreases strictly and stays above 0 (the final 0 is implied). Inference only:
+            training keeps the shift grid (``student.sampler.sampling_sigmas``).
         guidance_default: guidance scale used when the user gives none (for the A14B students
             the teacher's low-noise expert CFG scale, which reproduces the teacher's default
             sampler; the shapes student's was chosen on held-out prompts).
@@ -62,6 +66,7 @@ class StudentConfig:
     guidance_embedding: bool = True
     num_train_timesteps: int = 1000
     boundary: float | None = None
+    sampling_grids: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dit.patch_size[0] != 1:
@@ -83,10 +88,24 @@ class StudentConfig:
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ValueError(f"StudentConfig {self.name!r}: boundary={self.boundary} must lie "
                              f"strictly between 0 and 1 (or be null for one network)")
+        self._check_sampling_grids()
         if self.max_attended_frames > ROPE_MAX_POSITIONS:
             raise ValueError(f"StudentConfig {self.name!r}: a chunk attends to "
                              f"{self.max_attended_frames} frames, beyond the {ROPE_MAX_POSITIONS} "
                              f"RoPE positions; use fewer sink/window chunks")
+
+    def _check_sampling_grids(self) -> None:
+        lengths = [len(grid) for grid in self.sampling_grids]
+        for grid in self.sampling_grids:
+            ok = (len(grid) >= 1 and grid[0] == 1.0 and grid[-1] > 0
+                  and all(a > b for a, b in zip(grid, grid[1:])))
+            if not ok:
+                raise ValueError(f"StudentConfig {self.name!r}: sampling grid {list(grid)} must "
+                                 f"start at 1.0 and decrease strictly to a value above 0 (the "
+                                 f"final 0 is implied), e.g. [1.0, 0.88, 0.55, 0.35]")
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"StudentConfig {self.name!r}: sampling grids of lengths {lengths}; "
+                             f"give at most one grid per step count")
 
     @property
     def guidance_range(self) -> tuple[float, float]:
@@ -114,10 +133,17 @@ class StudentConfig:
 # and scored 88% at its default; on [1, 3] the same recipe scores 92% (BENCHMARKS.md, session 11).
 # Default 1.5: chosen on held-out prompts (prompt seed 1, not the evaluation's), where it scored
 # 96% joint against 95% at 1 and 95.5% at 2.
+# Sampling grids, chosen on the same held-out prompts among ~20 grids and confirmed on three prompt
+# sets never used to choose (1,400 prompts; BENCHMARKS.md, session 19): the shift-3 training grid
+# [1, 0.9, 0.75, 0.5] leaves the low-noise network's last steps too noisy, and objects hold still
+# or lose their corners. The 4-step grid keeps two high-noise steps (1, then just above the
+# 0.875 switch) and moves the low-noise ones down: 97.3% joint against 94.4% pooled. At 2 steps,
+# the low-noise step at 0.65 instead of 0.75: 90.0% against 86.0%.
 SHAPES_STUDENT = StudentConfig(
     name="shapes", teacher=SHAPES.name, dit=SHAPES.dit, chunk_frames=1, sink_chunks=1,
     window_chunks=3, steps=4, shift=SHAPES.sampling.shift,
     guidance_default=1.5, guidance_max=3.0,
+    sampling_grids=((1.0, 0.65), (1.0, 0.88, 0.55, 0.35)),
 )
 
 # Wan2.1-T2V-1.3B's shape (official config.json of that checkpoint), which shares the A14B
@@ -156,10 +182,14 @@ def student_preset(name: str) -> StudentConfig:
 def student_config_to_dict(config: StudentConfig) -> dict:
     """A JSON-ready dict of a StudentConfig (tuples become lists)."""
     values = asdict(config)
+    # Defaults are left out, so that student folders and run identities written before the
+    # fields existed read back as the same config.
     if values["guidance_min"] == 1.0:
-        # The default is left out, so that student folders and run identities written before
-        # the field existed read back as the same config.
         del values["guidance_min"]
+    if not values["sampling_grids"]:
+        del values["sampling_grids"]
+    else:
+        values["sampling_grids"] = [list(grid) for grid in values["sampling_grids"]]
     values["dit"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["dit"].items()}
     return values
 
@@ -180,7 +210,11 @@ def student_config_from_dict(data: dict, source: str = "student config") -> Stud
     if dit_unknown:
         raise ValueError(f"{source} [dit]: unknown field(s) {dit_unknown}; known: {sorted(dit_known)}")
     dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["dit"].items()})
+    grids = data.get("sampling_grids", ())
+    if not isinstance(grids, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in grids):
+        raise ValueError(f"{source}: sampling_grids must be a list of sigma lists, got {grids!r}")
+    grids = tuple(tuple(float(x) for x in grid) for grid in grids)
     try:
-        return StudentConfig(**{**data, "dit": dit})
+        return StudentConfig(**{**data, "dit": dit, "sampling_grids": grids})
     except TypeError as err:  # a required field is missing
         raise ValueError(f"{source}: {err}") from None

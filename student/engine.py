@@ -40,7 +40,7 @@ from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
 from student.kv_cache import KVCache
 from student.moe import MoECache, MoEStudent
-from student.sampler import draw_noise, sample_chunk, stream_cache, student_sigmas
+from student.sampler import draw_noise, sample_chunk, sampling_sigmas, stream_cache
 from student.stream_types import FrameChunk, frame_timestamps
 
 
@@ -105,7 +105,7 @@ class StudentStreamEngine:
         self.text_encoder, self.tokenizer, self.vae = text_encoder, tokenizer, vae
         self.width, self.height, self.fps = int(width), int(height), float(fps)
         self.steps = steps
-        self.sigmas = student_sigmas(steps, config.shift)
+        self.sigmas = sampling_sigmas(config, steps)
         self.device = _device_of(student)
         self._latent_shape = (student.in_dim, config.chunk_frames, height // vae.spatial_factor,
                               width // vae.spatial_factor)

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from teacher.schedule import euler_sigmas, sigmas_to_timesteps
+from student.config import StudentConfig
 from student.kv_cache import KVCache
 from student.moe import MoECache, MoEStudent
 
@@ -47,6 +48,16 @@ def student_sigmas(steps: int, shift: float) -> torch.Tensor:
     is [1, 0.9375, 0.8333, 0.625, 0], Self-Forcing's warped [1000, 750, 500, 250].
     """
     return euler_sigmas(steps, shift)
+
+
+def sampling_sigmas(config: StudentConfig, steps: int) -> torch.Tensor:
+    """The sigma list a student samples with at ``steps`` steps (float64 [steps + 1]): the
+    config's tuned grid of that length (``StudentConfig.sampling_grids``) with the final 0, else
+    ``student_sigmas(steps, config.shift)``, the grid it was trained on."""
+    for grid in config.sampling_grids:
+        if len(grid) == steps:
+            return torch.tensor([*grid, 0.0], dtype=torch.float64)
+    return student_sigmas(steps, config.shift)
 
 
 def draw_noise(shape: Sequence[int], generators: Sequence[torch.Generator] | None,

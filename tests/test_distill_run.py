@@ -129,14 +129,18 @@ def test_whole_job_on_a_tiny_teacher_then_resume(tmp_path, monkeypatch, capsys):
     _assert_same_weights(load_student(ode["low"])[0], model.low)
     assert not (run / "stage_b" / "low").exists()
 
-    # Same settings again: the cache, the causal teacher and stage B's last checkpoint are
-    # reused (no new training step), and the export is the same.
+    # Same settings again, but for a new sampling grid (inference only): the cache, the causal
+    # teacher and stage B's last checkpoint are reused (no new training step), and the export
+    # is the same weights with the new grid.
     stamp = (summary.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns
+    monkeypatch.setitem(STUDENT_PRESETS, "tiny", replace(tiny, sampling_grids=((1.0, 0.5),)))
     again = distill_main(None, overrides)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "data reused, stage A 2 steps reused, ODE init 3 steps reused" in line, line
     assert (again.causal_teacher_dir / "wan_distill_causal_teacher.json").stat().st_mtime_ns == stamp
-    _assert_same_weights(model, load_student(again.student_dir)[0])
+    model_again, config_again = load_student(again.student_dir)
+    _assert_same_weights(model, model_again)
+    assert config_again.sampling_grids == ((1.0, 0.5),)
 
     # Changed stage-B settings, both networks trained: stage A and the ODE initialisation are
     # kept, stage B starts over from the ODE-initialised networks (lr 0: the online networks are

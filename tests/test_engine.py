@@ -301,3 +301,23 @@ def test_two_network_student_streams_and_recaches_both_caches(parts):
         got, want = cache.layers[1].k[:, :16], fresh.layers[1].k[:, :16]
         assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
     assert (eng.kv_cache.high.layers[1].k - eng.kv_cache.low.layers[1].k).abs().max() > 1e-3
+
+
+def test_engine_samples_on_the_configs_grid_and_caches_only_the_networks_it_runs(parts):
+    encoder, tokenizer, vae, students = parts
+    model, config = students[2]
+    tuned = replace(config, sampling_grids=((1.0, 0.5),))
+    eng = StudentStreamEngine(model, tuned, encoder, tokenizer, vae, width=32, height=32, fps=FPS)
+    torch.testing.assert_close(eng.sigmas, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    # A 1-step two-network stream runs only the high-noise network: no low-noise cache, and a
+    # prompt switch re-caches the one there is.
+    moe = MoEStudent(model, copy.deepcopy(model), boundary=0.875)
+    eng = StudentStreamEngine(moe, replace(config, boundary=0.875), encoder, tokenizer, vae,
+                              width=32, height=32, fps=FPS, steps=1)
+    eng.start("a red circle", seed=4)
+    run(eng, 2)
+    eng.set_prompt("a white square")
+    run(eng, 2)
+    assert eng.kv_cache.low is None and eng.kv_cache.high.num_chunks > 0
+    assert eng.stats()["recaches"] == 1
+    assert eng.cache_bytes()["kv"] == eng.kv_cache.high.nbytes()

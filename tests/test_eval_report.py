@@ -243,6 +243,9 @@ def test_systems_are_batch_invariant_and_report_costs(tiny_folders):
         assert 0 < both.first_frame_seconds <= both.seconds
     out = streaming.generate(prompts[:1], seeds[:1])
     assert out.forwards == {"denoise": 6, "kv_append": 2}
+    tuned = StudentSystem(student, replace(config, sampling_grids=((1.0, 0.5),)), models, steps=2)
+    assert tuned.info()["sigmas"] == [1.0, 0.5, 0.0]
+    assert streaming.info()["sigmas"] == [1.0, 0.75, 0.0]  # no grid: shift 3 at 2 steps
     assert out.first_frame_seconds < out.seconds  # the first chunk is out before the rest
     with pytest.raises(ValueError, match="one seed per prompt"):
         teacher.generate(prompts, seeds[:1])

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
 from student.causal_dit import CausalWanModel
 from student.kv_cache import KVCache
-from student.sampler import draw_noise, generate, sample_chunk, student_sigmas
+from student.config import SHAPES_STUDENT, student_config_from_dict, student_config_to_dict
+from student.sampler import (
+    draw_noise,
+    generate,
+    sample_chunk,
+    sampling_sigmas,
+    student_sigmas,
+)
 from teacher.pipeline import initial_noise
 
 DIT = dict(dim=24, ffn_dim=32, freq_dim=16, num_heads=2, num_layers=2, in_dim=4, out_dim=4,
@@ -30,6 +40,40 @@ def test_student_sigmas_hand_computed():
     got = student_sigmas(4, 5.0)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+
+
+def test_sampling_sigmas_take_the_tuned_grid_of_that_length_else_the_shift_grid():
+    config = replace(SHAPES_STUDENT, sampling_grids=((1.0, 0.6), (1.0, 0.9, 0.5, 0.25)))
+    torch.testing.assert_close(sampling_sigmas(config, 4),
+                               torch.tensor([1.0, 0.9, 0.5, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(sampling_sigmas(config, 2),
+                               torch.tensor([1.0, 0.6, 0.0], dtype=torch.float64))
+    for steps in (1, 3):  # no grid of that length: the shift grid it was trained on
+        torch.testing.assert_close(sampling_sigmas(config, steps),
+                                   student_sigmas(steps, config.shift), rtol=0, atol=0)
+    plain = replace(config, sampling_grids=())
+    torch.testing.assert_close(sampling_sigmas(plain, 4), student_sigmas(4, plain.shift))
+
+
+@pytest.mark.parametrize("grids, match", [
+    (((0.9, 0.5),), r"\[0.9, 0.5\] must start at 1.0"),
+    (((1.0, 0.5, 0.6),), "decrease strictly"),
+    (((1.0, 0.5, 0.0),), "above 0"),
+    (((1.0, 0.5), (1.0, 0.4)), "one grid per step count"),
+])
+def test_bad_sampling_grids_are_refused(grids, match):
+    with pytest.raises(ValueError, match=match):
+        replace(SHAPES_STUDENT, sampling_grids=grids)
+
+
+def test_sampling_grids_round_trip_and_stay_out_of_configs_without_them():
+    back = student_config_from_dict(json.loads(json.dumps(student_config_to_dict(SHAPES_STUDENT))))
+    assert back == SHAPES_STUDENT and back.sampling_grids == SHAPES_STUDENT.sampling_grids
+    plain = replace(SHAPES_STUDENT, sampling_grids=())
+    assert "sampling_grids" not in student_config_to_dict(plain)
+    assert student_config_from_dict(student_config_to_dict(plain)) == plain
+    with pytest.raises(ValueError, match="list of sigma lists"):
+        student_config_from_dict({**student_config_to_dict(plain), "sampling_grids": [0.5]})
 
 
 def test_sample_chunk_matches_hand_computed_steps():
