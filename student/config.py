@@ -133,12 +133,13 @@ class StudentConfig:
 # and scored 88% at its default; on [1, 3] the same recipe scores 92% (BENCHMARKS.md, session 11).
 # Default 1.5: chosen on held-out prompts (prompt seed 1, not the evaluation's), where it scored
 # 96% joint against 95% at 1 and 95.5% at 2.
-# Sampling grids, chosen on the same held-out prompts among ~20 grids and confirmed on three prompt
+# Sampling grids, chosen on the same held-out prompts among 26 grids and confirmed on three prompt
 # sets never used to choose (1,400 prompts; BENCHMARKS.md, session 19): the shift-3 training grid
 # [1, 0.9, 0.75, 0.5] leaves the low-noise network's last steps too noisy, and objects hold still
 # or lose their corners. The 4-step grid keeps two high-noise steps (1, then just above the
-# 0.875 switch) and moves the low-noise ones down: 97.3% joint against 94.4% pooled. At 2 steps,
-# the low-noise step at 0.65 instead of 0.75: 90.0% against 86.0%.
+# 0.875 switch) and moves the low-noise ones down: 97.7% joint against 94.6%, above the teacher's
+# own UniPC 4 (95.3%). At 2 steps, the low-noise step at 0.65 instead of 0.75: 89.9% against
+# 86.0% (tiny decoder).
 SHAPES_STUDENT = StudentConfig(
     name="shapes", teacher=SHAPES.name, dit=SHAPES.dit, chunk_frames=1, sink_chunks=1,
     window_chunks=3, steps=4, shift=SHAPES.sampling.shift,

@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--noise-seed", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--decoder", choices=("tiny", "vae"), default="tiny")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the student's)")
     parser.add_argument("--student", default=str(default_student_dir("shapes")))
     parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
     args = parser.parse_args()
@@ -59,13 +61,14 @@ def main() -> None:
                if args.decoder == "tiny" else None)
     prompts = eval_prompts(args.num_prompts, seed=args.prompt_seed)
     print(f"{args.num_prompts} prompts (prompt seed {args.prompt_seed}, noise seeds "
-          f"{args.noise_seed}+i), decoder {args.decoder}, guidance {config.guidance_default}")
+          f"{args.noise_seed}+i), decoder {args.decoder}, guidance "
+          f"{config.guidance_default if args.guidance is None else args.guidance}")
     print("| sigmas | joint | shape | motion | held still |")
     print("|---|---|---|---|---|")
     for grid in args.grids:
         # The grid is the config's own for its step count (validated like a shipped one).
         system = StudentSystem(student, replace(config, sampling_grids=(grid,)), models,
-                               steps=len(grid), decoder=decoder)
+                               steps=len(grid), guidance=args.guidance, decoder=decoder)
         videos = []
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first:first + args.batch_size]
