@@ -33,16 +33,23 @@ from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import encode_prompts, latent_shape, video_to_uint8  # noqa: E402
 
 
-def make_clip(student, config, parts, decoder, prompt: str, seed: int, defer: bool):
-    """(seconds, uint8 frames [1, T, H, W, 3]): text to last decoded frame, as eval times it."""
+def make_clip(student, config, parts, decoder, prompt: str, seed: int, defer: bool, *,
+              sigmas: torch.Tensor | None = None, new_cache=None):
+    """(seconds, uint8 frames [1, T, H, W, 3]): text to last decoded frame, as eval times it.
+
+    ``sigmas`` default to the training grid at ``config.steps``; ``new_cache()`` makes the KV
+    cache (default: the model's, with every network's cache, at the config's sink and window).
+    """
     start = time.perf_counter()
     context = encode_prompts(parts, [prompt], torch.device("cpu"))
     shape = latent_shape(parts, parts.config.sampling.frames, parts.config.sampling.height,
                          parts.config.sampling.width)
     noise, generators = seeded_noise(shape, [seed])
-    sigmas = student_sigmas(config.steps, config.shift)
-    cache = student.new_cache(1, sink_chunks=config.sink_chunks,
-                              window_chunks=config.window_chunks)
+    if sigmas is None:
+        sigmas = student_sigmas(config.steps, config.shift)
+    cache = (new_cache() if new_cache is not None else
+             student.new_cache(1, sink_chunks=config.sink_chunks,
+                               window_chunks=config.window_chunks))
     decode_cache = decoder.new_decode_cache()
     cf, chunks = config.chunk_frames, shape[1] // config.chunk_frames
     frames = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,36 +24,28 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from eval.shapes_world import eval_prompts  # noqa: E402
-from eval.systems import seeded_noise  # noqa: E402
 from student.checkpoint import load_student  # noqa: E402
 from student.moe import MoEStudent  # noqa: E402
 from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
-from student.sampler import sample_chunk, stream_cache, student_sigmas  # noqa: E402
+from student.sampler import sampling_sigmas, stream_cache  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
-from teacher.pipeline import encode_prompts, latent_shape, video_to_uint8  # noqa: E402
+from tests.benchmarks.bench_deferred_append import make_clip  # noqa: E402
 
 
-def make_clip(student, config, parts, decoder, sigmas, prompt: str, seed: int, only_run: bool):
-    """(seconds, uint8 frames [1, T, H, W, 3]): text to last decoded frame, as eval times it."""
-    start = time.perf_counter()
-    context = encode_prompts(parts, [prompt], torch.device("cpu"))
-    shape = latent_shape(parts, parts.config.sampling.frames, parts.config.sampling.height,
-                         parts.config.sampling.width)
-    noise, generators = seeded_noise(shape, [seed])
+def clip(student, config, parts, decoder, sigmas, prompt: str, seed: int, only_run: bool):
+    """One clip with deferred appends into a cache for the networks run, or for both."""
     policy = {"sink_chunks": config.sink_chunks, "window_chunks": config.window_chunks}
-    cache = (stream_cache(student, sigmas, 1, None, config.num_train_timesteps, **policy)
-             if only_run else student.new_cache(1, **policy))
-    decode_cache = decoder.new_decode_cache()
-    cf, chunks = config.chunk_frames, shape[1] // config.chunk_frames
-    frames = []
-    for c in range(chunks):
-        x0 = sample_chunk(student, noise[:, :, c * cf:(c + 1) * cf], sigmas, context,
-                          config.guidance_default, cache, generators, config.num_train_timesteps)
-        if c + 1 < chunks:
-            student.append_chunk(x0, context, config.guidance_default, cache, defer=True)
-        frames.append(video_to_uint8(decoder.decode_chunk(x0, decode_cache)))
-    return time.perf_counter() - start, torch.cat(frames, 1)
+    if only_run:
+        def new_cache():
+            return stream_cache(student, sigmas, 1, None, config.num_train_timesteps, **policy)
+    else:
+        def new_cache():
+            return student.new_cache(1, **policy)
+    return make_clip(student, config, parts, decoder, prompt, seed, True, sigmas=sigmas,
+                     new_cache=new_cache)
+
+
 
 
 def main() -> None:
@@ -78,14 +69,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     with torch.no_grad():
         for steps in args.steps:
-            sigmas = student_sigmas(steps, config.shift)
-            make_clip(student, config, parts, decoder, sigmas, prompts[0], 0, True)  # warm-up
+            sigmas = sampling_sigmas(config, steps)
+            clip(student, config, parts, decoder, sigmas, prompts[0], 0, True)  # warm-up
             seconds, identical = {False: [], True: []}, True
             for r in range(args.rounds):
                 videos = {}
                 for only_run in ((False, True) if r % 2 == 0 else (True, False)):
-                    s, videos[only_run] = make_clip(student, config, parts, decoder, sigmas,
-                                                    prompts[r], r, only_run)
+                    s, videos[only_run] = clip(student, config, parts, decoder, sigmas,
+                                               prompts[r], r, only_run)
                     seconds[only_run].append(s)
                 identical &= torch.equal(videos[True], videos[False])
             cache = stream_cache(student, sigmas, 1, None, config.num_train_timesteps)
