@@ -68,11 +68,28 @@ class AtomicCheckpoint(ModelCheckpoint):
     ``last-v1.ckpt`` beside it whenever the callback's settings differ from the run being
     resumed (say a new checkpoint interval), and a later restart would resume from the stale
     ``last.ckpt``.
+
+    With ``save_last``, a fit that trained past its last periodic checkpoint also saves
+    ``last.ckpt`` when it ends: ModelCheckpoint saves at the end only if it never saved, so
+    running a finished stage again resumed from the last periodic checkpoint and repeated the
+    steps after it.
     """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
+        self._fit_start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._fit_start_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trained = trainer.global_step > self._fit_start_step
+        if self.save_last and trained and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         staged = f"{filepath}{STAGING_SUFFIX}"

@@ -118,3 +118,27 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypat
     trainer.fit(Regression(), data, ckpt_path=resume_checkpoint(folder / "last.ckpt"))
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_a_fit_that_ends_between_periodic_checkpoints_saves_its_last_step(tmp_path):
+    """Without the end-of-training save, last.ckpt stays at step 4 of 5 and a second run of the
+    finished stage resumes there and trains step 5 again."""
+    folder = tmp_path / "checkpoints"
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
+
+    def fit(max_steps: int, ckpt_path=None) -> L.Trainer:
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[AtomicCheckpoint(dirpath=folder, save_last=True,
+                                                        save_top_k=0, every_n_train_steps=2)])
+        trainer.fit(Regression(), data, ckpt_path=ckpt_path)
+        return trainer
+
+    fit(5)
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
+    stamp = (folder / "last.ckpt").stat().st_mtime_ns
+    # Run again when finished: nothing to train, and the checkpoint is left as it is.
+    again = fit(5, resume_checkpoint(folder / "last.ckpt"))
+    assert again.global_step == 5
+    assert (folder / "last.ckpt").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
