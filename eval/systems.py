@@ -27,7 +27,7 @@ import torch
 from eval.latency import Stopwatch
 from student.causal_dit import CausalWanModel
 from student.config import StudentConfig
-from student.moe import MoEStudent
+from student.moe import MoECache, MoEStudent
 from student.sampler import sample_chunk, sampling_sigmas, stream_cache
 from student.tiny_decoder import TinyDecoder
 from teacher.checkpoint import TeacherModels
@@ -239,10 +239,6 @@ class StudentSystem:
                              f"1 + 4k with k + 1 a multiple of it")
         self.num_chunks = self.latent_shape[1] // config.chunk_frames
         self.name = name or f"student-{self.steps}step"
-        # A finished chunk is appended to the cache of every network the steps run.
-        timesteps = sigmas_to_timesteps(self.sigmas[:-1], config.num_train_timesteps)
-        self._networks = (len(student.networks_run_at(timesteps))
-                          if isinstance(student, MoEStudent) else 1)
 
     def info(self) -> dict:
         return {"name": self.name, "kind": self.kind, "solver": "multistep-consistency",
@@ -286,7 +282,9 @@ class StudentSystem:
                 first_frame_seconds = watch.elapsed()
         seconds = watch.elapsed()
         info = self.info()
+        # A finished chunk is appended to the cache of every network the steps run.
+        networks = len(cache.present()) if isinstance(cache, MoECache) else 1
         return SystemOutput(videos=torch.cat(chunks, dim=1), seconds=seconds,
                             first_frame_seconds=first_frame_seconds, nfe=info["nfe"],
                             forwards={"denoise": info["nfe"],
-                                      "kv_append": (self.num_chunks - 1) * self._networks})
+                                      "kv_append": (self.num_chunks - 1) * networks})

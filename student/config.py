@@ -212,9 +212,13 @@ def student_config_from_dict(data: dict, source: str = "student config") -> Stud
         raise ValueError(f"{source} [dit]: unknown field(s) {dit_unknown}; known: {sorted(dit_known)}")
     dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["dit"].items()})
     grids = data.get("sampling_grids", ())
-    if not isinstance(grids, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in grids):
-        raise ValueError(f"{source}: sampling_grids must be a list of sigma lists, got {grids!r}")
-    grids = tuple(tuple(float(x) for x in grid) for grid in grids)
+    try:
+        if not isinstance(grids, (list, tuple)):
+            raise TypeError
+        grids = tuple(tuple(float(x) for x in grid) for grid in grids)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: sampling_grids must be a list of sigma lists such as "
+                         f"[[1.0, 0.65], [1.0, 0.88, 0.55, 0.35]], got {grids!r}") from None
     try:
         return StudentConfig(**{**data, "dit": dit, "sampling_grids": grids})
     except TypeError as err:  # a required field is missing

@@ -72,8 +72,9 @@ def test_sampling_grids_round_trip_and_stay_out_of_configs_without_them():
     plain = replace(SHAPES_STUDENT, sampling_grids=())
     assert "sampling_grids" not in student_config_to_dict(plain)
     assert student_config_from_dict(student_config_to_dict(plain)) == plain
-    with pytest.raises(ValueError, match="list of sigma lists"):
-        student_config_from_dict({**student_config_to_dict(plain), "sampling_grids": [0.5]})
+    for bad in ([0.5], [["one", 0.5]], "1, 0.5"):
+        with pytest.raises(ValueError, match="list of sigma lists"):
+            student_config_from_dict({**student_config_to_dict(plain), "sampling_grids": bad})
 
 
 def test_sample_chunk_matches_hand_computed_steps():

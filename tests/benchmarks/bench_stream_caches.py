@@ -30,6 +30,7 @@ from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E40
 from student.sampler import sampling_sigmas, stream_cache  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
+from teacher.schedule import sigmas_to_timesteps  # noqa: E402
 from tests.benchmarks.bench_deferred_append import make_clip  # noqa: E402
 
 
@@ -44,8 +45,6 @@ def clip(student, config, parts, decoder, sigmas, prompt: str, seed: int, only_r
             return student.new_cache(1, **policy)
     return make_clip(student, config, parts, decoder, prompt, seed, True, sigmas=sigmas,
                      new_cache=new_cache)
-
-
 
 
 def main() -> None:
@@ -79,8 +78,8 @@ def main() -> None:
                                                prompts[r], r, only_run)
                     seconds[only_run].append(s)
                 identical &= torch.equal(videos[True], videos[False])
-            cache = stream_cache(student, sigmas, 1, None, config.num_train_timesteps)
-            run = ", ".join(name for name in ("high", "low") if getattr(cache, name) is not None)
+            run = ", ".join(student.networks_run_at(
+                sigmas_to_timesteps(sigmas[:-1], config.num_train_timesteps)))
             both, only = (statistics.median(seconds[k]) * 1000 for k in (False, True))
             print(f"| {steps} | {run} | {both:.1f} | {only:.1f} ({both / only:.2f}x) | "
                   f"{'yes' if identical else 'no'} |", flush=True)
