@@ -114,7 +114,7 @@ def _engine_factory(args: argparse.Namespace):
     try:
         return load_engine_factory(student, teacher, device=pick_device(args.device, args.threads),
                                    steps=args.steps, width=width, height=height,
-                                   decoder=args.decoder)
+                                   decoder=args.decoder, recache=args.recache)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "vae (the teacher's VAE), tiny (the tiny streaming decoder in "
                        "<teacher-dir>/tiny_decoder, made by `wan-distill train-decoder`), or a "
                        "tiny decoder folder")
+        p.add_argument("--recache", action="store_true", help="on a prompt or guidance "
+                       "change, recompute the cached chunks' K/V with the new one (LongLive's "
+                       "KV re-cache). Off by default: with it 11%% of the shapes student's "
+                       "switched streams went blank (BENCHMARKS.md, Session 20)")
 
     st = sub.add_parser("stream", help="stream video from the student, switching prompts live")
     st.add_argument("--prompt", required=True)

@@ -104,7 +104,7 @@ def _check_video(video: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Objects:
+class ObjectTrack:
     """The object (largest foreground component) of every frame; K = frames where it was seen.
 
     frames: int [K] frame indices; mask: bool [T, H, W] (empty in frames without an object);
@@ -119,7 +119,7 @@ class _Objects:
     centroid: np.ndarray
 
 
-def _find_objects(video: np.ndarray) -> _Objects:
+def _find_objects(video: np.ndarray) -> ObjectTrack:
     """Segment the largest 8-connected bright component in each frame of uint8 [T, H, W, 3]."""
     num_frames, height, width = video.shape[:3]
     brightness = video.max(axis=-1)  # [T, H, W] uint8
@@ -157,10 +157,16 @@ def _find_objects(video: np.ndarray) -> _Objects:
     x = weights.sum(axis=1) @ (np.arange(width) + 0.5) / total
     y = weights.sum(axis=2) @ (np.arange(height) + 0.5) / total
     centroid = np.stack([x, y], axis=-1)
-    return _Objects(frames, mask, sizes[chosen], boxes, centroid)
+    return ObjectTrack(frames, mask, sizes[chosen], boxes, centroid)
 
 
-def _classify_colour(video: np.ndarray, objects: _Objects) -> tuple[str, tuple]:
+def track(video: np.ndarray) -> ObjectTrack:
+    """The object the oracle follows in each frame of uint8 [T, H, W, 3]: where it was seen,
+    its box and centroid (what ``judge`` measures motion from)."""
+    return _find_objects(_check_video(video))
+
+
+def _classify_colour(video: np.ndarray, objects: ObjectTrack) -> tuple[str, tuple]:
     """Nearest palette colour by chromaticity of the object's interior pixels."""
     # The interior (mask eroded by one pixel within each frame) avoids anti-aliased edges and
     # the chroma bleeding of yuv420p subsampling; a frame whose object is too small to have an
@@ -179,7 +185,7 @@ def _classify_colour(video: np.ndarray, objects: _Objects) -> tuple[str, tuple]:
     return COLOURS[nearest], tuple(float(c) for c in rgb)
 
 
-def _classify_shape(objects: _Objects, height: int, width: int) -> tuple[str | None, float]:
+def _classify_shape(objects: ObjectTrack, height: int, width: int) -> tuple[str | None, float]:
     """Median fill ratio of the bounding box over frames where the box does not touch the
     border (a clipped object has a misleading box); all frames if it always touches."""
     x0, y0, x1, y1 = objects.box.T
@@ -196,7 +202,7 @@ def _classify_shape(objects: _Objects, height: int, width: int) -> tuple[str | N
 
 
 def _classify_motion(
-    objects: _Objects, height: int, width: int
+    objects: ObjectTrack, height: int, width: int
 ) -> tuple[str | None, float | None]:
     """Direction of motion at the first frame, undoing reflections (bounce-aware median).
 

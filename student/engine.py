@@ -9,8 +9,12 @@ Per chunk (``next_chunk``):
 
 1. apply the pending controls (prompt, seed, guidance, pause/resume, reset): controls never
    interrupt a chunk, they land at the next chunk boundary;
-2. on a new prompt or guidance with frames already cached: KV re-cache of the window from its
-   clean latents (``CausalWanModel.recache``), so the video continues smoothly;
+2. on a new prompt or guidance with frames already cached, the cached chunks keep the K/V they
+   were made with, and the chunks from the switch on see the new prompt. ``recache=True``
+   re-caches the window from its clean latents with the new prompt instead
+   (``CausalWanModel.recache``, LongLive's KV re-cache); the distilled shapes student never saw
+   re-cached K/V in training, and with them 11% of its switched streams went blank
+   (BENCHMARKS.md, "Session 20");
 3. few-step sampling of one latent chunk against the KV cache (``student.sampler``);
 4. append the chunk to the KV cache (sink + rolling window: memory stays flat forever),
    deferred: its K/V are computed within the next chunk's first step, one pass instead of two;
@@ -73,6 +77,10 @@ class StudentStreamEngine:
         fps: video frames per second of video time (timestamps are index / fps).
         steps: student steps per chunk (default ``config.steps``).
         prompt_cache_size: encoded prompts kept (a switch back to a recent prompt is free).
+        recache: on a new prompt or guidance, recompute the cached chunks' K/V with it
+            (LongLive's KV re-cache, for students trained with it). Default False: the cached
+            chunks keep the K/V they were made with, and the chunks from the switch on see the
+            new prompt (see step 2 above).
 
     Devices are the caller's: the student, the encoder and the VAE run where their parameters
     are (latents move between them).
@@ -81,7 +89,7 @@ class StudentStreamEngine:
     def __init__(self, student: CausalWanModel | MoEStudent, config: StudentConfig,
                  text_encoder: nn.Module, tokenizer, vae: WanVAE, *, width: int, height: int,
                  fps: float,
-                 steps: int | None = None, prompt_cache_size: int = 8):
+                 steps: int | None = None, prompt_cache_size: int = 8, recache: bool = False):
         if not isinstance(student, (CausalWanModel, MoEStudent)):
             raise TypeError(f"student must be a CausalWanModel or MoEStudent, got "
                             f"{type(student).__name__}")
@@ -105,6 +113,7 @@ class StudentStreamEngine:
         self.text_encoder, self.tokenizer, self.vae = text_encoder, tokenizer, vae
         self.width, self.height, self.fps = int(width), int(height), float(fps)
         self.steps = steps
+        self.recache = bool(recache)
         self.sigmas = sampling_sigmas(config, steps)
         self.device = _device_of(student)
         self._latent_shape = (student.in_dim, config.chunk_frames, height // vae.spatial_factor,
@@ -174,7 +183,8 @@ class StudentStreamEngine:
         guidance = self.guidance
         with clock("text_s"):
             context = self.encode_prompt(self._prompt)
-        if self._kv.holds_chunks and (self._kv_prompt, self._kv_guidance) != (self._prompt, guidance):
+        if (self.recache and self._kv.holds_chunks
+                and (self._kv_prompt, self._kv_guidance) != (self._prompt, guidance)):
             with clock("recache_s"):
                 self.student.recache(self._kv, context, guidance)
             self._recaches += 1

@@ -27,14 +27,16 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         steps: int | None = None, width: int | None = None,
                         height: int | None = None,
-                        decoder: str = "auto") -> Callable[[], StudentStreamEngine]:
+                        decoder: str = "auto",
+                        recache: bool = False) -> Callable[[], StudentStreamEngine]:
     """A factory of engines over one loaded student + teacher parts (shared, read-only).
 
     Frame size and fps default to the teacher's sampling defaults (64x64 at 8 fps for the shapes
     world; pass width/height for a real-size student). ``decoder``: "auto" (the tiny decoder in
     ``<teacher_dir>/tiny_decoder`` when it was trained for this teacher's VAE, else the VAE),
     "vae" (the teacher's), "tiny" (``<teacher_dir>/tiny_decoder``, or fail saying how to make
-    it) or the folder of a tiny decoder trained for that VAE.
+    it) or the folder of a tiny decoder trained for that VAE. ``recache``: see
+    ``StudentStreamEngine``.
     """
     for name, path in (("student", student_dir), ("teacher", teacher_dir)):
         if not Path(path).is_dir():
@@ -62,7 +64,7 @@ def load_engine_factory(student_dir: str | Path, teacher_dir: str | Path, *,
     def make() -> StudentStreamEngine:
         return StudentStreamEngine(student, config, parts.text_encoder, parts.tokenizer, frames_decoder,
                                    width=width or s.width, height=height or s.height, fps=s.fps,
-                                   steps=steps)
+                                   steps=steps, recache=recache)
 
     return make
 

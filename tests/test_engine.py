@@ -61,11 +61,12 @@ def parts():
     return encoder, ByteTokenizer(), vae, students
 
 
-def engine(parts, chunk_frames: int = 2, width: int = 32, height: int = 32) -> StudentStreamEngine:
+def engine(parts, chunk_frames: int = 2, width: int = 32, height: int = 32,
+           recache: bool = False) -> StudentStreamEngine:
     encoder, tokenizer, vae, students = parts
     model, config = students[chunk_frames]
     return StudentStreamEngine(model, config, encoder, tokenizer, vae, width=width, height=height,
-                               fps=FPS)
+                               fps=FPS, recache=recache)
 
 
 def run(eng: StudentStreamEngine, n: int) -> list:
@@ -113,7 +114,7 @@ def test_prompt_switch_applies_at_the_next_chunk_only(parts):
     ref = engine(parts)
     ref.start("a red circle", seed=5)
     base = run(ref, 4)
-    eng = engine(parts)
+    eng = engine(parts, recache=True)
     eng.start("a red circle", seed=5)
     first = run(eng, 2)
     eng.set_prompt("a green triangle moving up")
@@ -127,7 +128,7 @@ def test_prompt_switch_applies_at_the_next_chunk_only(parts):
 
 
 def test_recache_uses_the_new_prompt_for_the_cached_window(parts):
-    eng = engine(parts)
+    eng = engine(parts, recache=True)
     eng.start("a red circle", seed=2)
     run(eng, 2)
     eng.set_prompt("a white square")
@@ -142,6 +143,35 @@ def test_recache_uses_the_new_prompt_for_the_cached_window(parts):
     n = 2 * 2 * 4  # 2 chunks x 2 frames x 4 tokens
     got, want = eng.kv_cache.layers[1].k[:, :n], fresh.layers[1].k[:, :n]
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_by_default_a_switch_keeps_the_cached_chunks_as_they_were_made(parts):
+    encoder, tokenizer, vae, students = parts
+    model, config = students[2]
+    keep = StudentStreamEngine(model, config, encoder, tokenizer, vae, width=32, height=32,
+                               fps=FPS)
+    assert keep.recache is False
+    keep.start("a red circle", seed=2)
+    before = run(keep, 2)
+    keep.set_prompt("a white square")
+    after = run(keep, 2)
+    assert keep.stats()["recaches"] == 0 and [c.prompt_version for c in after] == [1, 1]
+    # The cached chunks hold the K/V the old prompt made, as in a stream that never switched.
+    ref = engine(parts)
+    ref.start("a red circle", seed=2)
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(before, run(ref, 3)))
+    n = 2 * 2 * 4  # 2 chunks x 2 frames x 4 tokens
+    got, want = keep.kv_cache.layers[1].k[:, :n], ref.kv_cache.layers[1].k[:, :n]
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    # With the re-cache, the same switch makes another video.
+    recached = engine(parts, recache=True)
+    recached.start("a red circle", seed=2)
+    run(recached, 2)
+    recached.set_prompt("a white square")
+    assert recached.stats()["recaches"] == 0
+    other = run(recached, 2)
+    assert recached.stats()["recaches"] == 1
+    assert np.abs(other[1].frames.astype(int) - after[1].frames.astype(int)).max() > 0
 
 
 def test_reset_restarts_at_frame_zero_with_the_frames_of_a_fresh_engine(parts):
@@ -201,7 +231,7 @@ def test_guidance_default_and_changes(parts):
     eng.start("a red circle", seed=1)
     assert eng.guidance == 3.0
     default = run(eng, 2)
-    explicit = engine(parts)
+    explicit = engine(parts, recache=True)
     explicit.start("a red circle", seed=1, guidance=3.0)
     np.testing.assert_array_equal(explicit.next_chunk().frames, default[0].frames)
     explicit.set_guidance(4.5)
@@ -269,7 +299,7 @@ def test_two_network_student_streams_and_recaches_both_caches(parts):
 
     def frames(student, cfg, after_switch: int = 2):
         eng = StudentStreamEngine(student, cfg, encoder, tokenizer, vae, width=32, height=32,
-                                  fps=FPS)
+                                  fps=FPS, recache=True)
         eng.start("a red circle", seed=4)
         chunks = run(eng, 2)
         eng.set_prompt("a white square")
@@ -313,7 +343,7 @@ def test_engine_samples_on_the_configs_grid_and_caches_only_the_networks_it_runs
     # prompt switch re-caches the one there is.
     moe = MoEStudent(model, copy.deepcopy(model), boundary=0.875)
     eng = StudentStreamEngine(moe, replace(config, boundary=0.875), encoder, tokenizer, vae,
-                              width=32, height=32, fps=FPS, steps=1)
+                              width=32, height=32, fps=FPS, steps=1, recache=True)
     eng.start("a red circle", seed=4)
     run(eng, 2)
     eng.set_prompt("a white square")

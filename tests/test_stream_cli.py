@@ -81,6 +81,20 @@ def test_serve_limits_guidance_to_the_students_trained_range(folders, monkeypatc
     assert callable(seen["factory"])
 
 
+def test_engines_keep_the_cached_kv_on_a_switch_unless_asked_to_recache(folders, monkeypatch):
+    import student.server.app as app
+
+    student, teacher = folders
+    seen = {}
+    monkeypatch.setattr(app, "serve_main", lambda factory, **kw: seen.update(factory=factory))
+    base = ["serve", "--student", str(student), "--teacher-dir", str(teacher), "--device", "cpu",
+            "--port", "0"]
+    assert main(base) == 0
+    assert seen["factory"]().recache is False
+    assert main([*base, "--recache"]) == 0
+    assert seen["factory"]().recache is True
+
+
 def test_stream_with_the_tiny_decoder(folders, tmp_path, capsys):
     """`stream --decoder tiny` reads <teacher-dir>/tiny_decoder and names the command that makes
     it when it is missing; a folder trained for this VAE streams the same number of frames."""

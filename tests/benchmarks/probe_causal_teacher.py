@@ -34,6 +34,46 @@ from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import decode_latents, encode_prompts, latent_shape  # noqa: E402
 
 
+def load_causal_teacher(folder: Path, teacher_dir: Path):
+    """(teacher parts for text and decoding, the causal teacher's frozen experts, its config and
+    its experts' config) of a run's ``causal_teacher`` folder."""
+    if not folder.is_dir():
+        raise SystemExit(f"--causal-teacher {folder} is not a folder; pass <run_dir>/causal_teacher "
+                         f"of a `wan-distill distill` run")
+    models = load_teacher(teacher_dir)
+    teacher_config, expert_config = read_causal_teacher(folder)
+    experts = FrozenExperts(*[
+        load_causal_network(expert_config, folder / sub, device=torch.device("cpu"), mesh=None,
+                            trainable=False, dtype="fp32")
+        for sub in (teacher_config.expert_high_dir, teacher_config.expert_low_dir)])
+    return models, experts, teacher_config, expert_config
+
+
+def causal_teacher_videos(loaded, prompts: list[str], noise_seeds: list[int], steps: int,
+                          guidance: float, batch_size: int = 50) -> list:
+    """uint8 videos [T, H, W, 3] of the causal teacher, sampled as the ODE initialisation samples
+    its trajectories (Euler ``steps`` per chunk on its grid, CFG per expert)."""
+    models, experts, teacher_config, expert_config = loaded
+    sampling = teacher_config.sampling
+    # The same grid as the ODE initialisation's (it must hold the student's 4 sigmas).
+    grid = trajectory_grid(steps, sampling.shift, student_sigmas(4, sampling.shift))
+    shape = latent_shape(models, sampling.frames, sampling.height, sampling.width)
+    negative = encode_prompts(models, [sampling.negative_prompt], "cpu")
+    videos = []
+    for first in range(0, len(prompts), batch_size):
+        texts = prompts[first:first + batch_size]
+        noise, _ = seeded_noise(shape, noise_seeds[first:first + batch_size])
+        _, ends = causal_teacher_trajectories(
+            experts, noise, encode_prompts(models, texts, "cpu"), negative,
+            torch.full((noise.shape[0],), guidance), grid, boundary=sampling.boundary,
+            guidance_offset=sampling.guidance_high - sampling.guidance_low,
+            chunk_frames=expert_config.chunk_frames,
+            num_train_timesteps=sampling.num_train_timesteps)
+        with torch.no_grad():
+            videos.extend(decode_latents(models, ends).numpy())
+    return videos
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--causal-teacher", required=True, help="a run's causal_teacher folder")
@@ -52,39 +92,13 @@ def main() -> None:
         raise SystemExit(f"--steps {args.steps} must be a positive multiple of 4: the trajectory "
                          f"grid holds the student's 4 sigmas, as in the ODE initialisation")
     torch.set_num_threads(args.threads)
-    folder = Path(args.causal_teacher).expanduser()
-    if not folder.is_dir():
-        raise SystemExit(f"--causal-teacher {folder} is not a folder; pass <run_dir>/causal_teacher "
-                         f"of a `wan-distill distill` run")
-    models = load_teacher(Path(args.teacher))
-    teacher_config, expert_config = read_causal_teacher(folder)
-    experts = FrozenExperts(*[
-        load_causal_network(expert_config, folder / sub, device=torch.device("cpu"), mesh=None,
-                            trainable=False, dtype="fp32")
-        for sub in (teacher_config.expert_high_dir, teacher_config.expert_low_dir)])
-    sampling = teacher_config.sampling
-    # The same grid as the ODE initialisation's (it must hold the student's 4 sigmas).
-    grid = trajectory_grid(args.steps, sampling.shift, student_sigmas(4, sampling.shift))
+    loaded = load_causal_teacher(Path(args.causal_teacher).expanduser(), Path(args.teacher))
     prompts = eval_prompts(args.num_prompts, args.prompt_seed)
-    shape = latent_shape(models, sampling.frames, sampling.height, sampling.width)
-    negative = encode_prompts(models, [sampling.negative_prompt], "cpu")
-    # Each batch's prompts and noise, prepared once for every guidance scale.
-    batches = []
-    for first in range(0, len(prompts), args.batch_size):
-        texts = prompts[first:first + args.batch_size]
-        noise, _ = seeded_noise(shape, [args.noise_seed + first + i for i in range(len(texts))])
-        batches.append((encode_prompts(models, texts, "cpu"), noise))
+    seeds = [args.noise_seed + i for i in range(len(prompts))]
     for guidance in args.guidance:
-        start, videos = time.perf_counter(), []
-        for context, noise in batches:
-            _, ends = causal_teacher_trajectories(
-                experts, noise, context, negative,
-                torch.full((noise.shape[0],), guidance), grid, boundary=sampling.boundary,
-                guidance_offset=sampling.guidance_high - sampling.guidance_low,
-                chunk_frames=expert_config.chunk_frames,
-                num_train_timesteps=sampling.num_train_timesteps)
-            with torch.no_grad():
-                videos.extend(decode_latents(models, ends).numpy())
+        start = time.perf_counter()
+        videos = causal_teacher_videos(loaded, prompts, seeds, args.steps, guidance,
+                                       args.batch_size)
         acc = accuracy(videos, prompts)
         print(f"causal teacher, Euler {args.steps}, guidance {guidance:g}, N={len(prompts)}: "
               f"joint {acc['joint']:.1%} (colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
