@@ -12,6 +12,8 @@ prompts (noise seed i for prompt i), and judges every window of each stream with
   motion (the next colour and shape of the world's lists; left -> right, right -> up, up -> down,
   down -> left, so half of the switches reverse the motion and half turn it), same language;
   the cached chunks keep their K/V, or with ``--recache`` are re-cached with the new prompt;
+- ``guidance``: the prompt stays and the guidance scale changes at ``--switch-frame`` to
+  ``--switch-guidance`` (kept or re-cached K/V, as for a prompt);
 - ``walls``: what the object does at the first wall it reaches within a 17-frame clip
   (``eval.stream_quality.wall_contact``), for the world's own clip of each prompt (seed i), the
   teacher's default sampler (seed i), the stage-A causal teacher the student learns from (with
@@ -29,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,13 +65,14 @@ def switched_prompt(prompt: str) -> str:
 
 
 def stream_frames(engine, prompt: str, seed: int, num_frames: int,
-                  switch: tuple[int, str] | None) -> np.ndarray:
-    """The first ``num_frames`` frames of one stream, switching prompt at a chunk boundary."""
+                  switch: tuple[int, Callable] | None) -> np.ndarray:
+    """The first ``num_frames`` frames of one stream; ``switch``: (frame, a change applied to
+    the engine there), at a chunk boundary."""
     engine.start(prompt, seed=seed)
     chunks, made = [], 0
     while made < num_frames:
         if switch is not None and made == switch[0]:
-            engine.set_prompt(switch[1])
+            switch[1](engine)
         chunk = engine.next_chunk()
         chunks.append(chunk.frames)
         made += len(chunk.frames)
@@ -148,8 +152,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--switch-frame", type=int, default=65,
                         help="frame of the switch: a window start, 17 + 16k (65: 8.1 s)")
-    parser.add_argument("--parts", nargs="+", choices=["long", "switch", "walls"],
+    parser.add_argument("--parts", nargs="+", choices=["long", "switch", "guidance", "walls"],
                         default=["long", "switch", "walls"])
+    parser.add_argument("--switch-guidance", type=float, default=3.0,
+                        help="guidance: the scale set at --switch-frame (the prompt stays)")
     parser.add_argument("--student", default=str(default_student_dir("shapes")))
     parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
     parser.add_argument("--decoder", default="auto")
@@ -184,18 +190,22 @@ def main() -> None:
             continue
         streams, backs, appearance = [], [], []
         for i, prompt in enumerate(tqdm(prompts, desc=part, unit="stream")):
-            schedule = [(0, prompt)]
+            schedule, switch = [(0, prompt)], None
             if part == "switch":
                 schedule.append((args.switch_frame, switched_prompt(prompt)))
-            frames = stream_frames(engine, prompt, i, num_frames,
-                                   schedule[1] if part == "switch" else None)
+                switch = (args.switch_frame, lambda e, new=schedule[1][1]: e.set_prompt(new))
+            elif part == "guidance":
+                switch = (args.switch_frame, lambda e: e.set_guidance(args.switch_guidance))
+            frames = stream_frames(engine, prompt, i, num_frames, switch)
             streams.append(judge_stream(frames, schedule))
             backs.append(wall_contact(frames, parse_caption(prompt).motion))
             if part == "switch":
                 appearance.append(appearance_by_chunk(frames, *schedule[1]))
         results[part] = window_rates(streams)
         print_rows(f"{part}: {len(prompts)} streams of {num_frames} frames"
-                   + (f", switch at frame {args.switch_frame}" if part == "switch" else ""),
+                   + (f", switch at frame {args.switch_frame}" if part == "switch" else "")
+                   + (f", guidance {args.switch_guidance:g} from frame {args.switch_frame}"
+                      if part == "guidance" else ""),
                    results[part], engine.fps)
         if part == "switch":
             results["switch_appearance"] = appearance_rates(appearance, args.switch_frame,
@@ -210,7 +220,7 @@ def main() -> None:
                                         "rows": results}, indent=1))
     summary = [f"{part}: first clip {rows[0]['joint']:.1%} joint, last window "
                f"{rows[-1]['joint']:.1%}, moving {rows[-1]['moving']:.1%}"
-               for part, rows in results.items() if part in ("long", "switch")]
+               for part, rows in results.items() if part in ("long", "switch", "guidance")]
     if "walls" in results:
         summary.append("reflected at the first wall: " + ", ".join(
             f"{row['system'].split(' ')[0]} {row['reflected']}/{row['reached_wall']}"
