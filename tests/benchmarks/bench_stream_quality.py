@@ -42,8 +42,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from eval.shapes_world import COLOURS, SHAPES, Factors, caption, caption_lang, eval_prompts, parse_caption  # noqa: E402
-from eval.shapes_world import NUM_FRAMES, render, sample_spec  # noqa: E402
+from eval.shapes_world import (COLOURS, NUM_FRAMES, SHAPES, Factors, caption,  # noqa: E402
+                               caption_lang, eval_prompts, parse_caption, render, sample_spec)
 from eval.stream_quality import (REFLECTED_PX, appearance_by_chunk, judge_stream,  # noqa: E402
                                  wall_contact, window_rates)
 from student.engine import StudentStreamEngine  # noqa: E402
