@@ -49,6 +49,8 @@ MOTION_VECTORS: dict[str, tuple[int, int]] = {
     "up": (0, -1),
     "down": (0, 1),
 }
+# The motion a reflection at a wall turns each motion into.
+OPPOSITE_MOTION: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 # Sampling ranges. Objects 24-32 px across survive the VAE's 8x spatial compression (3-4 latent
 # pixels; DESIGN.md found 14-20 px lost the shape). 1-2.5 px/frame is 4-10 px per latent frame
@@ -213,7 +215,7 @@ def direction_at(spec: ClipSpec, frame: int) -> str:
     reflected = u >= span  # on the descending half of the triangle wave
     if not reflected:
         return spec.motion
-    return {"left": "right", "right": "left", "up": "down", "down": "up"}[spec.motion]
+    return OPPOSITE_MOTION[spec.motion]
 
 
 def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:

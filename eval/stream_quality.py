@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eval.oracle import judge, track
-from eval.shapes_world import MOTION_VECTORS, NUM_FRAMES, parse_caption
+from eval.shapes_world import MOTION_VECTORS, NUM_FRAMES, OPPOSITE_MOTION, parse_caption
 
 WINDOW_FRAMES = 16  # frames per window after the first clip: four latent frames
 # The first wall contact: the object's box within this many pixels of the wall it heads to.
@@ -36,7 +36,6 @@ WALL_MARGIN_PX = 2
 # a stopped one comes back ~0 (generated frames jitter by under a pixel).
 FRAMES_AFTER_CONTACT = 6
 REFLECTED_PX = 2.0  # pixels back from its closest approach that count as reflected
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def stream_windows(num_frames: int) -> list[tuple[int, int]]:
@@ -86,15 +85,14 @@ def judge_stream(frames: np.ndarray, schedule: Sequence[tuple[int, str]]) -> lis
         if frame not in starts and frame < windows[-1][1]:
             raise ValueError(f"a prompt switch at frame {frame} falls inside a window; switch at "
                              f"a window start (frame 17 + 16k)")
-    for _, prompt in schedule:
-        parse_caption(prompt)  # fails naming the prompt if the oracle cannot read it
+    # Parsed up front: an unreadable prompt fails, naming it, before any window is judged.
+    targets = [(frame, prompt, parse_caption(prompt)) for frame, prompt in schedule]
     verdicts = []
     for start, end in windows:
-        prompt = [p for frame, p in schedule if frame <= start][-1]
-        target = parse_caption(prompt)
+        _, prompt, target = [t for t in targets if t[0] <= start][-1]
         verdict = judge(frames[start:end])
         direction = verdict.motion == target.motion
-        on_axis = verdict.motion in (target.motion, OPPOSITE[target.motion])
+        on_axis = verdict.motion in (target.motion, OPPOSITE_MOTION[target.motion])
         extent = frames.shape[1] if verdict.motion in ("up", "down") else frames.shape[2]
         verdicts.append(WindowVerdict(
             start=start, end=end, prompt=prompt, colour=verdict.colour == target.colour,

@@ -25,12 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.systems import seeded_noise  # noqa: E402
-from student.checkpoint import load_student  # noqa: E402
-from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from student.sampler import sample_chunk, student_sigmas  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
-from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import encode_prompts, latent_shape, video_to_uint8  # noqa: E402
+from tests.benchmarks.shipped_models import add_model_args, load_shipped  # noqa: E402
 
 
 def make_clip(student, config, parts, decoder, prompt: str, seed: int, defer: bool, *,
@@ -65,13 +63,12 @@ def make_clip(student, config, parts, decoder, prompt: str, seed: int, defer: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--student", default=str(default_student_dir("shapes")))
-    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    add_model_args(parser)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: quartiles need at least 2 rounds")
     torch.set_num_threads(1)
-    parts = load_teacher(args.teacher_dir, experts=False)
-    student, config = load_student(args.student)
-    student.eval()
+    parts, student, config = load_shipped(args)
     decoders = {"VAE": parts.vae,
                 "tiny": load_tiny_decoder(Path(args.teacher_dir) / TINY_DECODER_FOLDER, parts.vae)}
     prompts = eval_prompts(args.rounds, seed=0)

@@ -24,14 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from eval.shapes_world import eval_prompts  # noqa: E402
-from student.checkpoint import load_student  # noqa: E402
 from student.moe import MoEStudent  # noqa: E402
-from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from student.sampler import sampling_sigmas, stream_cache  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
-from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.schedule import sigmas_to_timesteps  # noqa: E402
 from tests.benchmarks.bench_deferred_append import make_clip  # noqa: E402
+from tests.benchmarks.shipped_models import add_model_args, load_shipped  # noqa: E402
 
 
 def clip(student, config, parts, decoder, sigmas, prompt: str, seed: int, only_run: bool):
@@ -51,12 +49,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--student", default=str(default_student_dir("shapes")))
-    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    add_model_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    parts = load_teacher(args.teacher_dir, experts=False)
-    student, config = load_student(args.student)
+    parts, student, config = load_shipped(args)
     if not isinstance(student, MoEStudent):
         raise SystemExit(f"{args.student} holds one network; this compares two-network caches")
     student.eval()

@@ -45,13 +45,13 @@ sys.path.insert(0, str(ROOT))
 from eval.shapes_world import (COLOURS, NUM_FRAMES, SHAPES, Factors, caption,  # noqa: E402
                                caption_lang, eval_prompts, parse_caption, render, sample_spec)
 from eval.stream_quality import (REFLECTED_PX, appearance_by_chunk, judge_stream,  # noqa: E402
-                                 wall_contact, window_rates)
+                                 stream_windows, wall_contact, window_rates)
 from student.engine import StudentStreamEngine  # noqa: E402
 from student.live import load_engine_factory  # noqa: E402
-from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
-from tests.benchmarks.probe_causal_teacher import causal_teacher_videos, load_causal_teacher  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import GenerationRequest, generate  # noqa: E402
+from tests.benchmarks.probe_causal_teacher import causal_teacher_videos, load_causal_teacher  # noqa: E402
+from tests.benchmarks.shipped_models import add_model_args  # noqa: E402
 
 NEXT_MOTION = {"left": "right", "right": "up", "up": "down", "down": "left"}
 
@@ -156,8 +156,7 @@ def main() -> None:
                         default=["long", "switch", "walls"])
     parser.add_argument("--switch-guidance", type=float, default=3.0,
                         help="guidance: the scale set at --switch-frame (the prompt stays)")
-    parser.add_argument("--student", default=str(default_student_dir("shapes")))
-    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    add_model_args(parser)
     parser.add_argument("--decoder", default="auto")
     parser.add_argument("--sink", type=int, default=None, help="sink chunks (default: the student's)")
     parser.add_argument("--window", type=int, default=None,
@@ -182,6 +181,15 @@ def main() -> None:
     print(f"cache: sink {engine.config.sink_chunks} chunks, window {engine.config.window_chunks}, "
           f"{'recache' if engine.recache else 'no recache'} on a switch")
     num_frames = int(round(args.seconds * engine.fps)) + 1
+    # Bad settings fail here, not after the first stream.
+    try:
+        starts = [start for start, _ in stream_windows(num_frames)]
+    except ValueError as err:
+        raise SystemExit(f"--seconds {args.seconds}: {err}") from None
+    if {"switch", "guidance"} & set(args.parts) and (
+            args.switch_frame not in starts[1:] or args.switch_frame + 32 > num_frames):
+        raise SystemExit(f"--switch-frame {args.switch_frame} must be a window start (17 + 16k) "
+                         f"with 32 frames after it in the {num_frames}-frame streams; e.g. 65")
     prompts = eval_prompts(args.prompts, seed=0)
     results, start = {}, time.perf_counter()
     for part in args.parts:

@@ -27,10 +27,8 @@ sys.path.insert(0, str(ROOT))
 from eval.latency import side_by_side  # noqa: E402
 from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.systems import StudentSystem, TeacherSystem  # noqa: E402
-from student.checkpoint import load_student  # noqa: E402
-from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
-from teacher.checkpoint import load_teacher  # noqa: E402
+from tests.benchmarks.shipped_models import add_model_args, load_shipped  # noqa: E402
 
 
 def main() -> None:
@@ -38,16 +36,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="measured batches per system")
-    parser.add_argument("--student", default=str(default_student_dir("shapes")))
-    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    add_model_args(parser)
     args = parser.parse_args()
-    if not Path(args.student).is_dir():
-        raise SystemExit(f"student folder {args.student} does not exist; run `wan-distill "
-                         f"distill` first or pass --student DIR")
     torch.set_num_threads(args.threads)
-    models = load_teacher(args.teacher_dir)
-    student, config = load_student(args.student)
-    student.eval()
+    models, student, config = load_shipped(args, experts=True)
     tiny = load_tiny_decoder(Path(args.teacher_dir) / TINY_DECODER_FOLDER, models.vae)
     systems = {
         "teacher UniPC 40 (default)": TeacherSystem(models),

@@ -27,10 +27,8 @@ sys.path.insert(0, str(ROOT))
 from eval.oracle import accuracy  # noqa: E402
 from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.systems import StudentSystem  # noqa: E402
-from student.checkpoint import load_student  # noqa: E402
-from student.paths import default_student_dir, embedded_teacher_dir  # noqa: E402
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, load_tiny_decoder  # noqa: E402
-from teacher.checkpoint import load_teacher  # noqa: E402
+from tests.benchmarks.shipped_models import add_model_args, load_shipped  # noqa: E402
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
@@ -51,12 +49,9 @@ def main() -> None:
     parser.add_argument("--decoder", choices=("tiny", "vae"), default="tiny")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance scale (default: the student's)")
-    parser.add_argument("--student", default=str(default_student_dir("shapes")))
-    parser.add_argument("--teacher-dir", default=str(embedded_teacher_dir()))
+    add_model_args(parser)
     args = parser.parse_args()
-    models = load_teacher(args.teacher_dir)
-    student, config = load_student(args.student)
-    student.eval()
+    models, student, config = load_shipped(args, experts=True)
     decoder = (load_tiny_decoder(Path(args.teacher_dir) / TINY_DECODER_FOLDER, models.vae)
                if args.decoder == "tiny" else None)
     prompts = eval_prompts(args.num_prompts, seed=args.prompt_seed)

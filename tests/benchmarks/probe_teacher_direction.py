@@ -31,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from eval.oracle import accuracy  # noqa: E402
-from eval.shapes_world import MOTIONS, Factors, caption, render, sample_spec  # noqa: E402
+from eval.shapes_world import MOTIONS, OPPOSITE_MOTION, Factors, caption, render, sample_spec  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.pipeline import encode_prompts, video_to_uint8  # noqa: E402
 from teacher.schedule import shift_sigmas, unshift_sigmas  # noqa: E402
 
-SWAP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 GRID_Y, GRID_X = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
 
 
@@ -84,7 +83,7 @@ def swap_test(models, sigmas: list[float], n: int = 32) -> None:
     rng = np.random.default_rng(5)
     factors = [sample_spec(rng).factors for _ in range(n)]
     true = [caption(f) for f in factors]
-    swapped = [caption(Factors(f.shape, f.colour, SWAP[f.motion])) for f in factors]
+    swapped = [caption(Factors(f.shape, f.colour, OPPOSITE_MOTION[f.motion])) for f in factors]
     z = models.vae.encode(clips(factors, 5))
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     boundary = models.config.sampling.boundary * models.config.sampling.num_train_timesteps
