@@ -432,11 +432,11 @@ class CausalWanModel(WanModel):
         """
         self._check_context(context, cache.batch_size)
         if (cache.context is context and cache.cross
-                and stamp_matches(cache.context_version, context)):
+                and stamp_matches(cache.context_stamp, context)):
             return cache.cross
         text = self.embed_text(context)
         cache.cross = [block.cross_attn.project_kv(text) for block in self.blocks]
-        cache.context, cache.context_version = context, context_stamp(context)
+        cache.context, cache.context_stamp = context, context_stamp(context)
         return cache.cross
 
     def _rotated_prefix(self, cache: KVCache) -> list[torch.Tensor] | None:
@@ -587,7 +587,7 @@ class CausalWanModel(WanModel):
         same_guidance = (pending.guidance is None and g is None) or (
             pending.guidance is not None and g is not None and torch.equal(pending.guidance, g))
         return (same_guidance and cache.context is context and bool(cache.cross)
-                and stamp_matches(cache.context_version, context))
+                and stamp_matches(cache.context_stamp, context))
 
     def forward_chunk(self, x_chunk: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       guidance: torch.Tensor | float | None, cache: KVCache) -> torch.Tensor:

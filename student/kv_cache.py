@@ -84,7 +84,7 @@ class KVCache:
         grid_hw: (H', W') token grid of a frame, fixed by the first append.
         rotated: derived K rotated to the cache positions, one [B, N, heads, head_dim] tensor per
             block in the dtype of V, or None when stale.
-        context / context_version / cross: the prompt the cross-attention K/V were computed for
+        context / context_stamp / cross: the prompt the cross-attention K/V were computed for
             (held by reference and compared by identity and ``context_stamp``: its in-place
             version, or a copy of an inference tensor) and those K/V, one (k, v) pair of
             [B, text_len, heads, head_dim] per block.
@@ -105,7 +105,7 @@ class KVCache:
     grid_hw: tuple[int, int] | None = None
     rotated: list[torch.Tensor] | None = None
     context: torch.Tensor | None = None
-    context_version: int | torch.Tensor | None = None
+    context_stamp: int | torch.Tensor | None = None
     cross: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pending: PendingChunk | None = None
 
@@ -153,7 +153,7 @@ class KVCache:
         tensors: list[torch.Tensor] = [t for layer in self.layers for t in (layer.k, layer.v)]
         tensors += list(self.rotated or [])
         tensors += [t for pair in self.cross for t in pair]
-        tensors += [t for t in (self.latents, self.frame_index, self.chunk_t, self.context_version)
+        tensors += [t for t in (self.latents, self.frame_index, self.chunk_t, self.context_stamp)
                     if isinstance(t, torch.Tensor)]
         if self.pending is not None:
             tensors += [self.pending.latents, self.pending.t]
@@ -164,7 +164,7 @@ class KVCache:
         """Forget every chunk and the prompt (a new video); the geometry stays."""
         self.layers, self.latents, self.frame_index, self.chunk_t = [], None, None, None
         self.chunks_seen, self.grid_hw, self.rotated = 0, None, None
-        self.context, self.context_version, self.cross = None, None, []
+        self.context, self.context_stamp, self.cross = None, None, []
         self.pending = None
 
     def extend(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], latents: torch.Tensor,
