@@ -49,6 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from teacher.checkpoint import load_teacher
+    from teacher.output_paths import prepare_output_file
     from teacher.pipeline import GenerationRequest, generate, resolve_request, validate_request
     from teacher.video_io import write_mp4
 
@@ -74,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Check what needs no weights before loading anything heavy.
     try:
         validate_request(request)
+        prepare_output_file(args.out, "--out")
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -120,7 +122,8 @@ def _engine_factory(args: argparse.Namespace):
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from student.live import parse_switch, run_stream
+    from student.live import check_switches, parse_switch, run_stream
+    from teacher.output_paths import prepare_output_file
     from teacher.vae import WanVAE
 
     try:
@@ -131,6 +134,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise SystemExit("error: the prompt is empty; pass --prompt 'a red circle moving left'")
     if args.seconds <= 0:
         raise SystemExit(f"error: --seconds {args.seconds} must be positive")
+    try:
+        check_switches(switches, args.seconds)
+        if args.out:
+            prepare_output_file(args.out, "--out")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     engine = _engine_factory(args)()
     try:
         engine.check_guidance(args.guidance)
@@ -152,6 +161,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
           f"in {summary.wall_s:.2f} s: time to first frame {summary.time_to_first_frame_s * 1000:.0f} ms, "
           f"{summary.fps:.1f} fps generated, {len(summary.prompt_switches)} prompt switch(es), "
           f"decoded by {decoder}")
+    for at, prompt in summary.unapplied_switches:
+        print(f"note: the switch at {at:g} s to {prompt!r} fell inside the last chunk; the stream "
+              f"ended at frame {summary.frames} before it could take effect")
     return 0
 
 
@@ -159,7 +171,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from student.checkpoint import read_student_config
     from student.server.app import serve_main
     from student.server.protocol import ProtocolLimits
+    from teacher.output_paths import prepare_output_folder
 
+    if args.record_dir is not None:
+        try:
+            prepare_output_folder(args.record_dir, "--record-dir")
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     factory = _engine_factory(args)
     low, high = read_student_config(_student_and_teacher_dirs(args)[0]).guidance_range
     limits = ProtocolLimits(min_guidance=low, max_guidance=high)

@@ -82,6 +82,7 @@ from student.config import StudentConfig, student_config_to_dict, student_preset
 from student.sampler import student_sigmas  # noqa: E402
 from teacher.checkpoint import CONFIG_FILE  # noqa: E402
 from teacher.config import A14B, TeacherConfig, teacher_config_from_dict, teacher_config_to_dict  # noqa: E402
+from teacher.output_paths import OutputLocationError, check_output_folder  # noqa: E402
 from teacher.weight_files import write_text_atomic  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes.yaml"
@@ -366,6 +367,10 @@ def _prepare_job(cfg: DistillConfig) -> _Job:
                          f"{list(cfg.stage_b.networks)}: set it to [high, low]")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.student)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else default_student_dir(cfg.student)
+    # The student is exported last: a place it cannot go fails now, not after the stages. The
+    # folders are not created here (an empty student folder would look like a student).
+    check_output_folder(run_dir, "run_dir")
+    check_output_folder(output_dir, "output_dir")
     key = cache_key(cfg.data.source, teacher_dir, cfg.data.store_dtype)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_latent_cache_dir() / key
     summary = DistillSummary(output_dir, run_dir / "causal_teacher", cache_dir)
@@ -567,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         i = argv.index("--config")
         config = argv[i + 1]
         del argv[i: i + 2]
-    distill_main(config, argv)
+    try:
+        distill_main(config, argv)
+    except (FileNotFoundError, OutputLocationError) as err:  # a missing input, a bad output
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 

@@ -48,6 +48,7 @@ from student.tiny_decoder import (
 )
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, save_tiny_decoder
 from teacher.pipeline import video_to_uint8
+from teacher.output_paths import OutputLocationError, check_output_folder
 from teacher.weight_files import save_safetensors_atomic, write_text_atomic
 
 DATA_FILE = "data.safetensors"
@@ -293,6 +294,11 @@ def train_decoder(teacher_dir: str | Path | None = None, out: str | Path | None 
     teacher_dir = Path(teacher_dir) if teacher_dir else embedded_teacher_dir()
     out = Path(out) if out else teacher_dir / TINY_DECODER_FOLDER
     work = Path(work_dir) if work_dir else wan_distill_home() / "runs" / f"tiny-decoder-{settings.preset}"
+    try:  # the decoder is written last, after ~40 minutes: a place it cannot go fails now
+        check_output_folder(out, "--out")
+        check_output_folder(work, "--work-dir")
+    except OutputLocationError as err:
+        raise SystemExit(f"error: {err}") from None
     teacher_config, _, _, vae = load_text_and_vae(teacher_dir)
     if teacher_config.name != "shapes":
         raise SystemExit(f"error: train-decoder renders shapes-world clips, which only fit the "

@@ -53,6 +53,7 @@ from eval.shapes_world import eval_prompts  # noqa: E402
 from eval.unavailable import MetricUnavailable  # noqa: E402
 from student.checkpoint import STUDENT_CONFIG_FILE, load_student  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
+from teacher.output_paths import OutputLocationError, prepare_output_folder  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "eval" / "shapes.yaml"
 MAKE_STUDENT = "wan-distill distill"
@@ -287,6 +288,8 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
     if isinstance(options, EvalConfig) and overrides:
         raise ValueError("overrides apply to YAML configs; use dataclasses.replace on an EvalConfig")
     check_config(config)
+    # The report is written last: a folder that cannot be written fails now, not after the run.
+    prepare_output_folder(config.out, "--out")
     _quiet_lightning()
     start = time.perf_counter()
     accelerator = resolve_accelerator(config.trainer.accelerator)
@@ -450,7 +453,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     try:
         evaluate_main(config)
-    except FileNotFoundError as err:  # a missing teacher, student or data folder
+    except (FileNotFoundError, OutputLocationError) as err:  # a missing input, a bad --out
         raise SystemExit(f"error: {err}") from None
     return 0
 

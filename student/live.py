@@ -80,6 +80,8 @@ class StreamSummary:
     time_to_first_frame_s: float | None = None
     fps: float = 0.0  # frames generated per wall-clock second
     prompt_switches: list[tuple[int, str]] = field(default_factory=list)  # (frame index, prompt)
+    # Switches asked for inside the last chunk: the stream ended at that chunk's boundary.
+    unapplied_switches: list[tuple[float, str]] = field(default_factory=list)  # (seconds, prompt)
     out: Path | None = None
 
 
@@ -95,16 +97,27 @@ def parse_switch(text: str) -> tuple[float, str]:
     return at, prompt.strip()
 
 
+def check_switches(switches: Sequence[tuple[float, str]], seconds: float) -> None:
+    """Fail on a switch at or after the end of a ``seconds``-long stream, which could never
+    take effect."""
+    late = [at for at, _ in switches if at >= seconds]
+    if late:
+        raise ValueError(f"--switch at {late[0]:g} s comes after the stream's end ({seconds:g} s); "
+                         f"switch earlier or stream longer")
+
+
 def run_stream(engine: StudentStreamEngine, prompt: str, *, seconds: float, seed: int = 0,
                guidance: float | None = None, switches: Sequence[tuple[float, str]] = (),
                out: str | Path | None = None,
                on_chunk: Callable[[StreamSummary], None] | None = None) -> StreamSummary:
     """Generate ``seconds`` of video; switch prompts at video times; write ``out`` as it goes.
 
-    A switch at time s takes effect at the first chunk boundary at or after frame s * fps.
+    A switch at time s takes effect at the first chunk boundary at or after frame s * fps; one
+    inside the stream's last chunk ends up in ``unapplied_switches``.
     """
     if seconds <= 0:
         raise ValueError(f"seconds {seconds} must be positive")
+    check_switches(switches, seconds)
     pending = sorted(switches)
     target = max(1, round(seconds * engine.fps))
     summary = StreamSummary(out=Path(out) if out else None)
@@ -133,4 +146,5 @@ def run_stream(engine: StudentStreamEngine, prompt: str, *, seconds: float, seed
     finally:
         if recorder is not None:
             recorder.close()
+    summary.unapplied_switches = pending
     return summary

@@ -57,6 +57,23 @@ def test_cli_rejects_bad_input_before_loading(tmp_path, argv, message, monkeypat
         main(base + argv)
 
 
+def test_cli_checks_out_before_loading(tmp_path, monkeypatch):
+    """A video path that cannot be written fails before sampling, not after it."""
+    import teacher.checkpoint
+
+    def forbidden(*a, **k):
+        raise AssertionError("weights were loaded before --out was checked")
+
+    monkeypatch.setattr(teacher.checkpoint, "load_teacher", forbidden)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    base = ["generate", "--checkpoint-dir", str(tmp_path), "--prompt", "a cat"]
+    with pytest.raises(SystemExit, match=f"--out {blocker}/x.mp4: {blocker} is a file"):
+        main(base + ["--out", str(blocker / "x.mp4")])
+    with pytest.raises(SystemExit, match=f"--out {tmp_path} is a folder"):
+        main(base + ["--out", str(tmp_path)])
+
+
 def test_cli_missing_checkpoint_folder(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "--checkpoint-dir", str(tmp_path / "absent"), "--prompt", "a cat",

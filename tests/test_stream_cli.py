@@ -54,6 +54,32 @@ def test_stream_errors_name_the_fix(folders, tmp_path):
     assert parse_switch("2.5: a cat ") == (2.5, "a cat")
 
 
+def test_stream_refuses_late_switches_and_bad_out_before_loading(folders, tmp_path,
+                                                                  monkeypatch, capsys):
+    import student.live as live
+
+    student, teacher = folders
+    base = ["stream", "--student", str(student), "--teacher-dir", str(teacher), "--prompt",
+            "a red circle moving left", "--seconds", "2", "--device", "cpu", "--quiet"]
+
+    def forbidden(*a, **k):
+        raise AssertionError("the student was loaded before the flags were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(live, "load_engine_factory", forbidden)
+        with pytest.raises(SystemExit, match=r"--switch at 2 s comes after the stream's end"):
+            main(base + ["--switch", "2:a blue square moving up"])
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        with pytest.raises(SystemExit, match=f"--out {blocker}/live.mp4: {blocker} is a file"):
+            main(base + ["--out", str(blocker / "live.mp4")])
+    # 1.9 s is frame 15.2, inside the last chunk (frames 13-16): said, not silently dropped.
+    assert main(base + ["--switch", "1.9:a blue square moving up"]) == 0
+    out = capsys.readouterr().out
+    assert "0 prompt switch(es)" in out
+    assert "note: the switch at 1.9 s to 'a blue square moving up' fell inside the last chunk" in out
+
+
 def test_stream_takes_one_guidance_value(folders, tmp_path, capsys):
     """`stream --guidance G` reaches the engine (it once crashed in main's check for `generate`'s
     list-valued --guidance); a scale outside the student's trained range is refused by name."""
@@ -146,3 +172,16 @@ def test_stream_decoder_auto_takes_the_teachers_tiny_decoder_when_it_fits(folder
     with pytest.raises(SystemExit, match="'tinyy' is not auto, vae, tiny or an existing"):
         main([*base, "--decoder", "tinyy"])
 
+
+
+def test_serve_checks_its_record_dir_before_loading(folders, tmp_path, monkeypatch):
+    import student.live as live
+
+    student, teacher = folders
+    monkeypatch.setattr(live, "load_engine_factory", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the student was loaded before --record-dir was checked")))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"--record-dir {blocker}/rec: {blocker} is a file"):
+        main(["serve", "--student", str(student), "--teacher-dir", str(teacher),
+              "--record-dir", str(blocker / "rec"), "--port", "0"])

@@ -68,6 +68,7 @@ from distill.teacher_training.vae_module import (
 from teacher.checkpoint import TeacherModels, save_teacher
 from teacher.config import TeacherConfig, teacher_config_to_dict, teacher_preset
 from teacher.dit import WanModel
+from teacher.output_paths import OutputLocationError, check_output_folder, prepare_output_folder
 from teacher.t5 import UMT5Encoder
 from teacher.tokenizer import ByteTokenizer
 from teacher.vae import WanVAE
@@ -381,7 +382,9 @@ def train_teacher(config: str | Path | dict | TeacherTrainingConfig = DEFAULT_CO
     seed = cfg.seed if seed is None else int(seed)
     out = Path(out_dir or cfg.out_dir or embedded_teacher_dir())
     work = Path(work_dir or cfg.work_dir or wan_distill_home() / "runs" / "teacher-shapes")
-    work.mkdir(parents=True, exist_ok=True)
+    # The teacher is written last, after ~53 minutes: a place it cannot go fails now.
+    check_output_folder(out, "--out")
+    prepare_output_folder(work, "--work-dir")
     teacher = teacher_config_for(cfg, teacher_config)
     _check_run_folder(work, cfg, seed, teacher)
     torch.set_num_threads(cfg.num_threads)
@@ -430,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="stage results and checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
-    train_teacher(args.config, args.out, args.seed, work_dir=args.work_dir,
-                  progress=not args.no_progress)
+    try:
+        train_teacher(args.config, args.out, args.seed, work_dir=args.work_dir,
+                      progress=not args.no_progress)
+    except OutputLocationError as err:
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 
