@@ -7,6 +7,7 @@ command never pays for another's imports.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -167,12 +168,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+# Why a server cannot listen, by errno: what `serve` says instead of asyncio's traceback.
+LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the port is in use by another program",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from student.checkpoint import read_student_config
     from student.server.app import serve_main
     from student.server.protocol import ProtocolLimits
     from teacher.output_paths import prepare_output_folder
 
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"error: --port {args.port} must be in 0-65535 (0 picks a free port)")
+    if args.max_sessions < 1:
+        raise SystemExit(f"error: --max-sessions {args.max_sessions} must be >= 1")
     if args.record_dir is not None:
         try:
             prepare_output_folder(args.record_dir, "--record-dir")
@@ -181,8 +194,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     factory = _engine_factory(args)
     low, high = read_student_config(_student_and_teacher_dirs(args)[0]).guidance_range
     limits = ProtocolLimits(min_guidance=low, max_guidance=high)
-    serve_main(factory, host=args.host, port=args.port, record_dir=args.record_dir,
-               max_sessions=args.max_sessions, limits=limits)
+    try:
+        serve_main(factory, host=args.host, port=args.port, record_dir=args.record_dir,
+                   max_sessions=args.max_sessions, limits=limits)
+    except OSError as err:
+        reason = LISTEN_ERRORS.get(err.errno)
+        if reason is None:
+            raise
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {reason}; pass "
+                         f"another --port (0 picks a free one) or --host") from None
     return 0
 
 

@@ -185,3 +185,21 @@ def test_serve_checks_its_record_dir_before_loading(folders, tmp_path, monkeypat
     with pytest.raises(SystemExit, match=f"--record-dir {blocker}/rec: {blocker} is a file"):
         main(["serve", "--student", str(student), "--teacher-dir", str(teacher),
               "--record-dir", str(blocker / "rec"), "--port", "0"])
+
+
+def test_serve_names_a_port_it_cannot_use(folders):
+    import socket
+
+    student, teacher = folders
+    base = ["serve", "--student", str(student), "--teacher-dir", str(teacher), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--port 70000 must be in 0-65535"):
+        main(base + ["--port", "70000"])
+    with pytest.raises(SystemExit, match="--max-sessions 0 must be >= 1"):
+        main(base + ["--max-sessions", "0"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: the port is in "
+                                             f"use by another program; pass another --port"):
+            main(base + ["--port", str(port)])
