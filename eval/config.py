@@ -85,6 +85,23 @@ class LatencySettings:
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """Long streams of every student system, judged 2 s at a time (``eval.long_streams``).
+
+    num_streams: streams per student system, the first num_streams prompts of the evaluation's
+        prompt seed (0: none; shapes world only). They run at ``latency.threads``, as `stream`
+        does; a 30-s stream of the shapes student takes a few seconds on one CPU thread.
+    seconds: video seconds per stream (8 fps in the shapes world: 30 s = 241 frames).
+    switch_frame: where each stream switches to a prompt that differs in colour, shape and
+        motion (a window start, 17 + 16k, e.g. 65 = 8.1 s); None: no switch.
+    """
+
+    num_streams: int = 0
+    seconds: float = 30.0
+    switch_frame: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainerSettings:
     """Lightning Trainer knobs of the predict run ("auto": a GPU when one is visible)."""
 
@@ -116,6 +133,7 @@ class EvalConfig:
     lpips_net, lpips_trunk: LPIPS backbone and its torchvision file (None: torch hub's cache).
     clip_dir: a local CLIP folder for the CLIP score (None: unavailable).
     clip_frames: frames per video for the CLIP score (evenly spaced).
+    streams: long streams of the student systems (off by default).
     out: the report folder.
     """
 
@@ -142,6 +160,7 @@ class EvalConfig:
     clip_dir: str | None = None
     clip_frames: int = 8
     latency: LatencySettings = field(default_factory=LatencySettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     out: str = "eval_report"
     progress: bool = True

@@ -134,7 +134,7 @@ def mark_pareto(systems: list[dict]) -> dict | None:
 def build_report(*, world: str, systems: list[dict], settings: dict, machine: dict,
                  weights: dict, notes: Sequence[str] = (), skipped: Sequence[dict] = (),
                  reference: str | None = None, seconds: dict | None = None,
-                 created: str | None = None) -> dict:
+                 created: str | None = None, streams: dict | None = None) -> dict:
     """Assemble the report dict (see the module doc) and mark the Pareto front.
 
     Args:
@@ -146,6 +146,7 @@ def build_report(*, world: str, systems: list[dict], settings: dict, machine: di
         skipped: systems not evaluated, each {"name", "reason"}.
         reference: the system paired distances are measured against.
         seconds: wall time per phase.
+        streams: long streams of the student systems (``eval.run``'s streams phase), or None.
     """
     names = [s.get("name") for s in systems]
     if len(set(names)) != len(names) or any(not n for n in names):
@@ -157,7 +158,7 @@ def build_report(*, world: str, systems: list[dict], settings: dict, machine: di
         "weights": weights, "settings": settings, "reference": reference,
         "quality_axis": None if axis is None else {k: axis[k] for k in ("key", "label", "maximize")},
         "systems": systems, "skipped": [dict(s) for s in skipped], "notes": list(notes),
-        "seconds": dict(seconds or {}),
+        "seconds": dict(seconds or {}), "streams": streams,
     }
 
 
@@ -283,6 +284,7 @@ def format_markdown(report: dict) -> str:
         lines.append("No quality metric is available, so there is no Pareto front.")
     lines += _by_value_lines(report)
     lines += _versus_lines(report)
+    lines += _stream_lines(report.get("streams"))
     reasons = _unavailable_reasons(report)
     if reasons or report.get("skipped") or report.get("notes"):
         lines += ["", "## Notes", ""]
@@ -322,6 +324,45 @@ def _versus_lines(report: dict) -> list[str]:
     for student, teacher, c in rows:
         lines.append(f"| {student} | {teacher} | {c['only_a']} | {c['only_b']} | "
                      f"{c['difference']:+.3f} (N={c['n']}) | {c['p_value']:.3g} |")
+    return lines
+
+
+def _stream_lines(streams: dict | None) -> list[str]:
+    """A table of each student system's long streams (first clip, second and last window, the
+    first wall, the switch); empty when none were run."""
+    if not streams or not streams.get("systems"):
+        return []
+    fps = streams["fps"]
+    first = next(iter(streams["systems"].values()))["windows"]
+
+    def span(window: dict) -> str:
+        return f"{window['start'] / fps:.1f}-{window['end'] / fps:.1f} s"
+
+    switch = streams.get("switch_frame")
+    header = ["System", f"joint, first clip ({span(first[0])})",
+              f"joint, {span(first[1])}", f"last window ({span(first[-1])}): colour / shape / "
+              f"motion / joint", "moving in the last window", "came back from the first wall"]
+    if switch is not None:
+        header.append("new colour and shape 1.5-2 s after the switch")
+    lines = ["", "## Long streams", "",
+             f"{streams['num_streams']} streams per student system of {streams['seconds']:g} s "
+             f"({streams['num_frames']} frames) as `wan-distill stream` makes them, prompt i of "
+             f"the evaluation's list from noise seed {streams['noise_seed']} + i"
+             + (f", switching at frame {switch} to another colour, shape and motion"
+                if switch is not None else "")
+             + ". The oracle judges 2-s windows against the prompt in effect; after the first, "
+               "motion along the caption's axis either way counts (the world reflects its "
+               "objects at the walls). Every window is in report.json.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in streams["systems"].items():
+        windows, walls, last = result["windows"], result["walls"], result["windows"][-1]
+        cells = [name, f"{windows[0]['joint']:.1%}", f"{windows[1]['joint']:.1%}",
+                 " / ".join(f"{last[k]:.1%}" for k in ("colour", "shape", "motion", "joint")),
+                 f"{last['moving']:.1%}",
+                 f"{walls['came_back']} of {walls['reached_wall']}"]
+        if switch is not None:
+            cells.append(f"{result['after_switch'][3]['both']:.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

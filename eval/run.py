@@ -49,9 +49,12 @@ from eval.lpips_metric import load_lpips  # noqa: E402
 from eval.metric_states import MetricNetworks  # noqa: E402
 from eval.prompt_data import read_prompt_file  # noqa: E402
 from eval.report import RANDOM_TEST_NETWORK, build_report, summary_line, write_report  # noqa: E402
-from eval.shapes_world import eval_prompts  # noqa: E402
+from eval.latency import cpu_threads  # noqa: E402
+from eval.long_streams import check_stream_settings, stream_long  # noqa: E402
+from eval.shapes_world import FPS, eval_prompts  # noqa: E402
 from eval.unavailable import MetricUnavailable  # noqa: E402
 from student.checkpoint import STUDENT_CONFIG_FILE, load_student  # noqa: E402
+from student.engine import StudentStreamEngine  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
 from teacher.output_paths import OutputLocationError, prepare_output_folder  # noqa: E402
 
@@ -123,6 +126,18 @@ def check_config(config: EvalConfig) -> None:
                          f"serve run), or null to keep torch's setting")
     if not config.systems:
         raise ValueError("systems is empty; list at least one system to evaluate")
+    streams = config.streams
+    if streams.num_streams < 0:
+        raise ValueError(f"streams.num_streams={streams.num_streams} must be >= 0 (0: none)")
+    if streams.num_streams:
+        if config.world != "shapes":
+            raise ValueError("streams are judged by the shapes oracle: set streams.num_streams=0 "
+                             "outside the shapes world")
+        try:
+            check_stream_settings(stream_frame_count(streams.seconds), streams.switch_frame)
+        except ValueError as err:
+            raise ValueError(f"streams (seconds={streams.seconds:g}, switch_frame="
+                             f"{streams.switch_frame}): {err}") from None
     for spec in config.systems:
         if spec.kind not in ("teacher", "student"):
             raise ValueError(f"systems: kind={spec.kind!r} must be 'teacher' or 'student'")
@@ -342,8 +357,8 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
         specs = [specs[i] for i in order]
 
     nets = networks if networks is not None else load_metric_networks(config)
-    module = EvalModule(LoadedModels(teacher, student, student_config, tiny_decoder), specs,
-                        reference, prompts, config, nets)
+    loaded = LoadedModels(teacher, student, student_config, tiny_decoder)
+    module = EvalModule(loaded, specs, reference, prompts, config, nets)
     trainer = make_trainer(config.trainer)
     if verbose and trainer.is_global_zero:
         for note in notes:
@@ -357,6 +372,14 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
     run_predict(module, config, trainer)
     if not trainer.is_global_zero:
         return None
+    streams = None
+    if config.streams.num_streams and student is not None:
+        phase = time.perf_counter()
+        # At the latency phase's threads: what `stream` runs at (one thread by default).
+        on_cpu = next(student.parameters()).device.type == "cpu"
+        with cpu_threads(config.latency.threads if on_cpu else None):
+            streams = long_streams(config, specs, loaded, verbose)
+        module.phase_seconds["streams"] = time.perf_counter() - phase
 
     device = trainer.strategy.root_device
     seconds = {"load": load_seconds, **module.phase_seconds,
@@ -380,11 +403,48 @@ def evaluate_main(options: EvalConfig | str | os.PathLike | None = None,
         world=config.world, systems=module.results, settings=settings,
         machine=machine_info(device, trainer.world_size), weights=weights, notes=notes,
         skipped=skipped, reference=reference, seconds=seconds,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), streams=streams)
     paths = write_report(report, config.out)
     if verbose:
         print(summary_line(report, paths), flush=True)
     return report
+
+
+def stream_frame_count(seconds: float) -> int:
+    """Frames of a ``seconds``-long stream of the shapes world (1 + seconds * fps)."""
+    return int(round(seconds * FPS)) + 1
+
+
+def long_streams(config: EvalConfig, specs: Sequence[SystemSpec], models: LoadedModels,
+                 verbose: bool) -> dict:
+    """Stream ``config.streams.num_streams`` prompts through every student system, as
+    ``wan-distill stream`` does (its steps, guidance and decoder), and judge the streams
+    (``eval.long_streams.stream_long``). Prompt i of the evaluation's list, noise seed
+    noise_seed + i."""
+    settings, teacher = config.streams, models.teacher
+    sampling = teacher.config.sampling
+    num_frames = stream_frame_count(settings.seconds)
+    prompts = eval_prompts(settings.num_streams, seed=config.prompt_seed)
+    seeds = [config.noise_seed + i for i in range(len(prompts))]
+    systems = {}
+    for spec in specs:
+        if spec.kind != "student":
+            continue
+        name = system_name(spec, teacher, models.student_config)
+        engine = StudentStreamEngine(
+            models.student, models.student_config, teacher.text_encoder, teacher.tokenizer,
+            models.tiny_decoder if spec.decoder == "tiny" else teacher.vae,
+            width=config.width or sampling.width, height=config.height or sampling.height,
+            fps=FPS, steps=spec.steps)
+        start = time.perf_counter()
+        if verbose:
+            print(f"long streams: {name}, {len(prompts)} x {settings.seconds:g} s", flush=True)
+        systems[name] = {**stream_long(engine, prompts, seeds, num_frames,
+                                       switch_frame=settings.switch_frame, guidance=spec.guidance,
+                                       progress=config.progress and verbose),
+                         "seconds": time.perf_counter() - start}
+    return {**asdict(settings), "num_frames": num_frames, "fps": FPS,
+            "noise_seed": config.noise_seed, "systems": systems}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +478,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-repeats", type=int, default=None,
                         help="timed batch-1 rounds per system (default: 5)")
     parser.add_argument("--seed", type=int, default=None, help="prompt seed (default: 0)")
+    parser.add_argument("--streams", type=int, default=None, metavar="N",
+                        help="also stream N prompts per student system for --stream-seconds, "
+                             "judged 2 s at a time (default: 0, none)")
+    parser.add_argument("--stream-seconds", type=float, default=None,
+                        help="video seconds per stream (default: 30)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, dotted (e.g. fvd.bootstrap=200); repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -429,7 +494,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
              "student_dir": args.student, "batch_size": args.batch_size,
              "fvd.num_videos": args.fvd_videos, "fvd.weights": args.i3d,
              "clip_dir": args.clip_dir, "lpips_trunk": args.lpips_trunk,
-             "latency.repeats": args.latency_repeats, "prompt_seed": args.seed}
+             "latency.repeats": args.latency_repeats, "prompt_seed": args.seed,
+             "streams.num_streams": args.streams, "streams.seconds": args.stream_seconds}
     out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
     if args.device is not None:
         out.append(f"trainer.accelerator={'gpu' if args.device == 'cuda' else args.device}")

@@ -606,3 +606,62 @@ def test_tiny_decoder_systems_run_beside_the_vae_ones_and_are_skipped_without_it
         check_config(replace(EvalConfig(), systems=[SystemSpec("student", decoder="taehv")]))
     assert system_name(SystemSpec("teacher", decoder="tiny"), load_teacher(teacher, experts=False),
                        None) == "teacher-unipc-3-tiny"
+
+
+def test_long_streams_are_judged_as_the_stream_command_makes_them(tiny_folders, tmp_path):
+    """``streams.num_streams`` streams every student system as `wan-distill stream` does (its
+    engine factory, steps, guidance, decoder, seed i for prompt i): the report's window rates and
+    walls are those of the same streams judged directly."""
+    from eval.long_streams import stream_frames, switched_prompt, wall_counts
+    from eval.stream_quality import judge_stream, wall_contact, window_rates
+    from student.live import load_engine_factory
+
+    specs = [SystemSpec("teacher", steps=2, solver="euler"), SystemSpec("student", steps=2),
+             SystemSpec("student", steps=1, decoder="tiny", guidance=2.0)]
+    nets = MetricNetworks(fvd_reason="off (test)", lpips_reason="off (test)",
+                          clip_reason="off (test)")
+    config = _tiny_config(tiny_folders, tmp_path / "report", systems=specs, num_prompts=2)
+    streams = replace(config.streams, num_streams=2, seconds=6.0, switch_frame=17)
+    report = evaluate_main(replace(config, streams=streams), networks=nets)
+    found = report["streams"]
+    assert {k: found[k] for k in ("num_streams", "num_frames", "fps", "switch_frame")} == {
+        "num_streams": 2, "num_frames": 49, "fps": 8, "switch_frame": 17}
+    assert list(found["systems"]) == ["student-2step", "student-1step-g2-tiny"]
+
+    prompts = eval_prompts(2, seed=0)
+    for name, steps, decoder, guidance in (("student-2step", 2, "vae", None),
+                                           ("student-1step-g2-tiny", 1, "tiny", 2.0)):
+        engine = load_engine_factory(tiny_folders["student"], tiny_folders["teacher"],
+                                     steps=steps, decoder=decoder)()
+        verdicts, backs = [], []
+        for i, prompt in enumerate(prompts):
+            new = switched_prompt(prompt)
+            frames = stream_frames(engine, prompt, i, 49, (17, lambda e, new=new: e.set_prompt(new)),
+                                   guidance)
+            verdicts.append(judge_stream(frames, [(0, prompt), (17, new)]))
+            backs.append(wall_contact(frames, parse_caption(prompt).motion))
+        result = found["systems"][name]
+        assert result["windows"] == window_rates(verdicts)
+        assert [(w["start"], w["end"]) for w in result["windows"]] == [(0, 17), (17, 33), (33, 49)]
+        assert result["walls"] == wall_counts(backs)
+        assert len(result["after_switch"]) == 8
+    markdown = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "## Long streams" in markdown and "switching at frame 17" in markdown
+    section = markdown.split("## Long streams")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| student")]
+    assert rows == ["| student-2step", "| student-1step-g2-tiny"]
+
+
+@pytest.mark.parametrize("streams,message", [
+    ({"num_streams": -1}, "streams.num_streams=-1 must be >= 0"),
+    ({"num_streams": 2, "seconds": 2.0}, "hold only the first clip; stream at least 33 frames"),
+    ({"num_streams": 2, "switch_frame": 30}, "switch frame 30 must be a window start"),
+    ({"num_streams": 2, "seconds": 6.0, "switch_frame": 33}, "with 32 frames after it"),
+])
+def test_stream_settings_are_checked_before_loading(streams, message):
+    config = replace(EvalConfig(), streams=replace(EvalConfig().streams, **streams))
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
+    with pytest.raises(ValueError, match="shapes oracle"):
+        check_config(replace(EvalConfig(), world="prompts", prompts_file="p.txt",
+                             streams=replace(EvalConfig().streams, num_streams=2)))

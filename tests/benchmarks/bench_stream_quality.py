@@ -31,21 +31,20 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from eval.shapes_world import (COLOURS, NUM_FRAMES, SHAPES, Factors, caption,  # noqa: E402
-                               caption_lang, eval_prompts, parse_caption, render, sample_spec)
-from eval.stream_quality import (REFLECTED_PX, appearance_by_chunk, judge_stream,  # noqa: E402
-                                 stream_windows, wall_contact, window_rates)
+from eval.long_streams import (check_stream_settings, stream_frames, stream_long,  # noqa: E402
+                               wall_counts)
+from eval.shapes_world import (NUM_FRAMES, eval_prompts, parse_caption, render,  # noqa: E402
+                               sample_spec)
+from eval.stream_quality import REFLECTED_PX, wall_contact  # noqa: E402
 from student.engine import StudentStreamEngine  # noqa: E402
 from student.live import load_engine_factory  # noqa: E402
 from teacher.checkpoint import load_teacher  # noqa: E402
@@ -53,45 +52,14 @@ from teacher.pipeline import GenerationRequest, generate  # noqa: E402
 from tests.benchmarks.probe_causal_teacher import causal_teacher_videos, load_causal_teacher  # noqa: E402
 from tests.benchmarks.shipped_models import add_model_args  # noqa: E402
 
-NEXT_MOTION = {"left": "right", "right": "up", "up": "down", "down": "left"}
-
-
-def switched_prompt(prompt: str) -> str:
-    """The prompt a stream switches to: every factor different, the same language."""
-    f = parse_caption(prompt)
-    new = Factors(SHAPES[(SHAPES.index(f.shape) + 1) % len(SHAPES)],
-                  COLOURS[(COLOURS.index(f.colour) + 1) % len(COLOURS)], NEXT_MOTION[f.motion])
-    return caption(new, caption_lang(prompt))
-
-
-def stream_frames(engine, prompt: str, seed: int, num_frames: int,
-                  switch: tuple[int, Callable] | None) -> np.ndarray:
-    """The first ``num_frames`` frames of one stream; ``switch``: (frame, a change applied to
-    the engine there), at a chunk boundary."""
-    engine.start(prompt, seed=seed)
-    chunks, made = [], 0
-    while made < num_frames:
-        if switch is not None and made == switch[0]:
-            switch[1](engine)
-        chunk = engine.next_chunk()
-        chunks.append(chunk.frames)
-        made += len(chunk.frames)
-        if switch is not None and made > switch[0] > made - len(chunk.frames):
-            raise ValueError(f"--switch-frame {switch[0]} is not a chunk boundary")
-    return np.concatenate(chunks)[:num_frames]
-
-
-def wall_summary(name: str, backs: list[float | None]) -> dict:
-    """Print and return how many clips reached a wall and how many of those came back."""
-    reached = [b for b in backs if b is not None]
-    reflected = sum(b >= REFLECTED_PX for b in reached)
-    row = {"system": name, "clips": len(backs), "reached_wall": len(reached),
-           "reflected": reflected,
-           "median_px_back": float(np.median(reached)) if reached else None}
-    share = f"{reflected / len(reached):.1%}" if reached else "-"
-    median = f"{row['median_px_back']:.1f}" if reached else "-"
-    print(f"| {name} | {len(reached)} / {len(backs)} | {reflected} ({share}) | {median} |")
-    return row
+def wall_summary(name: str, counts: dict) -> dict:
+    """Print one row of ``eval.long_streams.wall_counts``: how many clips reached a wall and
+    how many of those came back; returns it with the system's name."""
+    reached, back = counts["reached_wall"], counts["came_back"]
+    share = f"{back / reached:.1%}" if reached else "-"
+    median = f"{counts['median_px_back']:.1f}" if reached else "-"
+    print(f"| {name} | {reached} / {counts['streams']} | {back} ({share}) | {median} |")
+    return {"system": name, **counts}
 
 
 def walls(prompts: list[str], engine, teacher_dir: str, causal_teacher: Path | None) -> list[dict]:
@@ -114,25 +82,20 @@ def walls(prompts: list[str], engine, teacher_dir: str, causal_teacher: Path | N
     print(f"| system | reached a wall | came back >= {REFLECTED_PX:g} px | median px back |")
     print("|---|---|---|---|")
     motions = [parse_caption(p).motion for p in prompts]
-    return [wall_summary(name, [wall_contact(v, m) for v, m in zip(videos, motions)])
+    return [wall_summary(name, wall_counts([wall_contact(v, m) for v, m in zip(videos, motions)]))
             for name, videos in clips.items()]
 
 
-def appearance_rates(appearance: list[list[tuple[bool, bool]]], switch_frame: int,
-                     fps: float) -> list[dict]:
-    """Print and return, per 4-frame chunk after the switch, the share of streams whose chunk
-    shows the new colour, the new shape, and both."""
+def appearance_rates(rows: list[dict], switch_frame: int, fps: float) -> list[dict]:
+    """Print ``stream_long``'s "after_switch" rows: per 4-frame chunk after the switch, the share
+    of streams whose chunk shows the new colour, the new shape, and both."""
     print(f"\nswitch: the new object, chunk by chunk after the switch at frame {switch_frame}")
     print("| seconds after the switch | new colour | new shape | both |")
     print("|---|---|---|---|")
-    rows = []
-    for k, column in enumerate(zip(*appearance)):
-        n = len(column)
-        row = {"chunk": k, "colour": sum(c for c, _ in column) / n,
-               "shape": sum(s for _, s in column) / n, "both": sum(c and s for c, s in column) / n}
+    for row in rows:
+        k = row["chunk"]
         print(f"| {4 * k / fps:.1f}-{4 * (k + 1) / fps:.1f} | {row['colour']:.1%} | "
               f"{row['shape']:.1%} | {row['both']:.1%} |")
-        rows.append(row)
     return rows
 
 
@@ -183,46 +146,33 @@ def main() -> None:
     num_frames = int(round(args.seconds * engine.fps)) + 1
     # Bad settings fail here, not after the first stream.
     try:
-        starts = [start for start, _ in stream_windows(num_frames)]
+        check_stream_settings(num_frames, args.switch_frame
+                              if {"switch", "guidance"} & set(args.parts) else None)
     except ValueError as err:
-        raise SystemExit(f"--seconds {args.seconds}: {err}") from None
-    if {"switch", "guidance"} & set(args.parts) and (
-            args.switch_frame not in starts[1:] or args.switch_frame + 32 > num_frames):
-        raise SystemExit(f"--switch-frame {args.switch_frame} must be a window start (17 + 16k) "
-                         f"with 32 frames after it in the {num_frames}-frame streams; e.g. 65")
+        raise SystemExit(f"--seconds {args.seconds:g} / --switch-frame: {err}") from None
     prompts = eval_prompts(args.prompts, seed=0)
     results, start = {}, time.perf_counter()
     for part in args.parts:
         if part == "walls":
             results[part] = walls(prompts, engine, args.teacher_dir, args.causal_teacher)
             continue
-        streams, backs, appearance = [], [], []
-        for i, prompt in enumerate(tqdm(prompts, desc=part, unit="stream")):
-            schedule, switch = [(0, prompt)], None
-            if part == "switch":
-                schedule.append((args.switch_frame, switched_prompt(prompt)))
-                switch = (args.switch_frame, lambda e, new=schedule[1][1]: e.set_prompt(new))
-            elif part == "guidance":
-                switch = (args.switch_frame, lambda e: e.set_guidance(args.switch_guidance))
-            frames = stream_frames(engine, prompt, i, num_frames, switch)
-            streams.append(judge_stream(frames, schedule))
-            backs.append(wall_contact(frames, parse_caption(prompt).motion))
-            if part == "switch":
-                appearance.append(appearance_by_chunk(frames, *schedule[1]))
-        results[part] = window_rates(streams)
+        found = stream_long(engine, prompts, list(range(len(prompts))), num_frames,
+                            switch_frame=None if part == "long" else args.switch_frame,
+                            switch_guidance=args.switch_guidance if part == "guidance" else None)
+        results[part] = found["windows"]
         print_rows(f"{part}: {len(prompts)} streams of {num_frames} frames"
                    + (f", switch at frame {args.switch_frame}" if part == "switch" else "")
                    + (f", guidance {args.switch_guidance:g} from frame {args.switch_frame}"
                       if part == "guidance" else ""),
                    results[part], engine.fps)
         if part == "switch":
-            results["switch_appearance"] = appearance_rates(appearance, args.switch_frame,
-                                                            engine.fps)
+            results["switch_appearance"] = appearance_rates(found["after_switch"],
+                                                            args.switch_frame, engine.fps)
         if part == "long":
             print("\nthe first wall an object reaches in the whole stream")
             print(f"| system | reached a wall | came back >= {REFLECTED_PX:g} px | median px back |")
             print("|---|---|---|---|")
-            results["long_walls"] = wall_summary("student (whole stream)", backs)
+            results["long_walls"] = wall_summary("student (whole stream)", found["walls"])
     if args.out is not None:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                         "rows": results}, indent=1))
@@ -231,7 +181,7 @@ def main() -> None:
                for part, rows in results.items() if part in ("long", "switch", "guidance")]
     if "walls" in results:
         summary.append("reflected at the first wall: " + ", ".join(
-            f"{row['system'].split(' ')[0]} {row['reflected']}/{row['reached_wall']}"
+            f"{row['system'].split(' ')[0]} {row['came_back']}/{row['reached_wall']}"
             for row in results["walls"]))
     summary = "; ".join(summary)
     print(f"\n{summary} ({time.perf_counter() - start:.0f} s)")
