@@ -47,8 +47,8 @@ from student.tiny_decoder import (
     vae_fingerprint,
 )
 from student.tiny_decoder_checkpoint import TINY_DECODER_FOLDER, save_tiny_decoder
-from teacher.pipeline import video_to_uint8
 from teacher.output_paths import OutputLocationError, check_output_folder
+from teacher.pipeline import video_to_uint8
 from teacher.weight_files import save_safetensors_atomic, write_text_atomic
 
 DATA_FILE = "data.safetensors"
