@@ -45,12 +45,12 @@ from eval.distributed_eval import (  # noqa: E402
     system_name,
 )
 from eval.i3d_weights import INSTALL_COMMAND, load_i3d  # noqa: E402
+from eval.latency import cpu_threads  # noqa: E402
+from eval.long_streams import check_stream_settings, stream_long  # noqa: E402
 from eval.lpips_metric import load_lpips  # noqa: E402
 from eval.metric_states import MetricNetworks  # noqa: E402
 from eval.prompt_data import read_prompt_file  # noqa: E402
 from eval.report import RANDOM_TEST_NETWORK, build_report, summary_line, write_report  # noqa: E402
-from eval.latency import cpu_threads  # noqa: E402
-from eval.long_streams import check_stream_settings, stream_long  # noqa: E402
 from eval.shapes_world import FPS, eval_prompts  # noqa: E402
 from eval.unavailable import MetricUnavailable  # noqa: E402
 from student.checkpoint import STUDENT_CONFIG_FILE, load_student  # noqa: E402
