@@ -302,13 +302,28 @@ def load_text_and_vae(teacher_dir: str | os.PathLike, text_encoder_dtype: torch.
     return config, load_tokenizer(root / config.tokenizer_dir), text_encoder, vae
 
 
+# Files up to this size enter the teacher's fingerprint by their content; larger ones (a 14B
+# expert's shards, ~10 GB each) by size and mtime, as reading them on every run takes minutes.
+CONTENT_FINGERPRINT_MAX_BYTES = 64 * 2**20
+
+
 def teacher_fingerprint(teacher_dir: str | os.PathLike) -> str:
-    """A short hash of the teacher folder's file names, sizes and mtimes (cache invalidation)."""
+    """A short hash of what the teacher folder holds (the latent cache's and the stages' key).
+
+    Names, sizes and, up to CONTENT_FINGERPRINT_MAX_BYTES, contents: a moved or re-cloned folder
+    of the same small teacher (the embedded shapes one, ~12 MB) keeps its fingerprint, so its
+    caches and finished stages stay valid; a retrained one gets a new one. Larger files count
+    by size and mtime instead.
+    """
     root = Path(teacher_dir).resolve()
-    h = hashlib.sha256(str(root).encode())
+    h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        h.update(f"{path.relative_to(root)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}:{size}:".encode())
+        if size <= CONTENT_FINGERPRINT_MAX_BYTES:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            h.update(str(int(path.stat().st_mtime)).encode())
     return h.hexdigest()[:16]
 
 
