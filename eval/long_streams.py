@@ -37,8 +37,9 @@ from eval.stream_quality import (
 
 # Where a switched stream's motion goes: half of the switches reverse it, half turn it.
 NEXT_MOTION = {"left": "right", "right": "up", "up": "down", "down": "left"}
-# Frames a switched stream must run on after the switch (appearance_by_chunk's 8 chunks).
-FRAMES_AFTER_SWITCH = 32
+# Frames a switched stream must run on after the switch: appearance_by_chunk's default chunks.
+APPEARANCE_CHUNK_FRAMES, APPEARANCE_CHUNKS = 4, 8
+FRAMES_AFTER_SWITCH = APPEARANCE_CHUNK_FRAMES * APPEARANCE_CHUNKS
 
 
 def switched_prompt(prompt: str) -> str:
@@ -124,7 +125,8 @@ def stream_long(engine, prompts: Sequence[str], seeds: Sequence[int], num_frames
         verdicts.append(judge_stream(frames, schedule))
         backs.append(wall_contact(frames, parse_caption(prompt).motion))
         if new_prompt:
-            appearance.append(appearance_by_chunk(frames, *schedule[1]))
+            appearance.append(appearance_by_chunk(frames, *schedule[1], APPEARANCE_CHUNK_FRAMES,
+                                                  APPEARANCE_CHUNKS))
     result = {"windows": window_rates(verdicts), "walls": wall_counts(backs)}
     if new_prompt:
         result["after_switch"] = [

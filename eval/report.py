@@ -339,11 +339,14 @@ def _stream_lines(streams: dict | None) -> list[str]:
         return f"{window['start'] / fps:.1f}-{window['end'] / fps:.1f} s"
 
     switch = streams.get("switch_frame")
+    # The switch column: the chunk (4 frames) that ends 2 s after the switch.
+    shown = max(0, round(2.0 * fps / 4) - 1)
     header = ["System", f"joint, first clip ({span(first[0])})",
               f"joint, {span(first[1])}", f"last window ({span(first[-1])}): colour / shape / "
               f"motion / joint", "moving in the last window", "came back from the first wall"]
     if switch is not None:
-        header.append("new colour and shape 1.5-2 s after the switch")
+        header.append(f"new colour and shape {4 * shown / fps:g}-{4 * (shown + 1) / fps:g} s "
+                      f"after the switch")
     lines = ["", "## Long streams", "",
              f"{streams['num_streams']} streams per student system of {streams['seconds']:g} s "
              f"({streams['num_frames']} frames) as `wan-distill stream` makes them, prompt i of "
@@ -361,7 +364,7 @@ def _stream_lines(streams: dict | None) -> list[str]:
                  f"{last['moving']:.1%}",
                  f"{walls['came_back']} of {walls['reached_wall']}"]
         if switch is not None:
-            cells.append(f"{result['after_switch'][3]['both']:.1%}")
+            cells.append(f"{result['after_switch'][shown]['both']:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -318,12 +318,12 @@ def teacher_fingerprint(teacher_dir: str | os.PathLike) -> str:
     root = Path(teacher_dir).resolve()
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(root).as_posix()}:{size}:".encode())
-        if size <= CONTENT_FINGERPRINT_MAX_BYTES:
+        stat = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}:{stat.st_size}:".encode())
+        if stat.st_size <= CONTENT_FINGERPRINT_MAX_BYTES:
             h.update(hashlib.sha256(path.read_bytes()).digest())
         else:
-            h.update(str(int(path.stat().st_mtime)).encode())
+            h.update(str(int(stat.st_mtime)).encode())
     return h.hexdigest()[:16]
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from distill.ode_init import causal_teacher_chunk, trajectory_grid  # noqa: E402
-from eval.shapes_world import caption, direction_at, render, sample_spec  # noqa: E402
+from eval.shapes_world import NUM_FRAMES, caption, direction_at, render, sample_spec  # noqa: E402
 from eval.stream_quality import FRAMES_AFTER_CONTACT, REFLECTED_PX, wall_contact  # noqa: E402
 from eval.systems import seeded_noise  # noqa: E402
 from student.sampler import sample_chunk, sampling_sigmas, stream_cache, student_sigmas  # noqa: E402
@@ -37,7 +37,7 @@ from teacher.pipeline import decode_latents, encode_prompts  # noqa: E402
 from tests.benchmarks.probe_causal_teacher import load_causal_teacher  # noqa: E402
 from tests.benchmarks.shipped_models import add_model_args  # noqa: E402
 
-FRAMES = 17  # the clip every model here was trained on: 5 latent frames
+FRAMES = NUM_FRAMES  # the clip every model here was trained on: 5 latent frames
 FIRST_TURN = (9, 11)  # frames where the world's object first turns back (latent frame 3)
 
 
